@@ -1,0 +1,210 @@
+"""Cache LLM calls in Redis: each distinct request calls the model once, for every worker of a fleet.
+
+    out = get_or_set(messages, "gpt-4.1-mini", lambda: client.chat.completions.create(...).model_dump())
+"""
+from __future__ import annotations
+
+import functools, hashlib, json, logging, math, os, secrets, time, weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+PREFIX = os.environ.get("LLM_CACHE_PREFIX", "llm:v1:")  # bump it ("llm:v2:") to orphan every entry, no flush
+DEFAULT_TTL = 24 * 3600  # seconds an entry lives unless it turns hot
+HOT_TTL = 6 * 3600  # a hot entry's TTL slides up to this on every hit; a longer one is kept
+HOT_THRESHOLD = 10  # hits within HOT_WINDOW that make an entry hot
+HOT_WINDOW = 3600  # seconds
+LOCK_TTL = 60  # seconds; must outlive the slowest model call, or a second worker calls too
+RETRY_AFTER = 5  # seconds to leave a failed Redis alone: an outage costs one timeout, not one per call
+REDIS_TIMEOUT = 0.5  # seconds, for the client made from REDIS_URL: the most a frozen Redis costs a call
+DEFAULT_ENCODING = "cl100k_base"  # tiktoken's encoding for models it does not know
+
+log = logging.getLogger(__name__)
+_MISS = object()  # a cached None, "" or [] is a hit
+_ERRORS = (redis.RedisError, redis.RedisClusterException)
+_down_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to try it again
+
+
+def _keys(messages: Any, model: Any, params: Any) -> list[str]:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise TypeError(f"messages must be a list of dicts, got {messages!r:.80}")
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a non-empty str, got {type(model).__name__}")
+    if not model:
+        raise ValueError("model must be a non-empty str, got ''")
+    if params is not None and not isinstance(params, dict):
+        raise TypeError(f"params must be a dict or None, got {type(params).__name__}")
+    try:
+        blob = json.dumps([model, messages, params or {}], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"messages and params must be JSON-serializable: {e}") from None
+    digest = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+    tag = f"{PREFIX}{{{digest[:2]}}}"  # entry, lock, counter, stream and stats shard share a Cluster slot
+    return [tag + digest, tag + digest + ":hits", tag + digest + ":lock", tag + digest + ":stored", tag + "stats"]
+
+
+def _tokens(messages: list, model: str, value: Any) -> int:
+    """What producing an answer cost: its usage.total_tokens, else tiktoken's count of prompt and answer."""
+    try:
+        usage = value.get("usage") if isinstance(value, dict) else None
+        if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
+            return usage["total_tokens"]
+        if isinstance(value, dict) and "choices" in value:  # a chat completion: count its messages' text
+            value = [(choice.get("message") or {}).get("content") for choice in value["choices"]]
+        texts = [m.get("content") for m in messages] + (value if isinstance(value, list) else [value])
+        encoding = _encoding(model)
+        if encoding is None:
+            return 0
+        return sum(len(encoding.encode(t, disallowed_special=())) for t in texts if isinstance(t, str))
+    except Exception as e:  # statistics must never fail a call
+        log.warning("llm cache: counting 0 tokens for an answer of %r: %r", model, e)
+        return 0
+
+
+@functools.lru_cache(maxsize=None)  # one load, or one failed load and its warning, per model
+def _encoding(model: str) -> Any:
+    try:
+        import tiktoken  # needed only for answers that carry no usage
+
+        try:
+            return tiktoken.encoding_for_model(model)
+        except KeyError:
+            return tiktoken.get_encoding(DEFAULT_ENCODING)
+    except Exception as e:  # offline with no cached encoding, say
+        log.warning("llm cache: no tiktoken encoding for %r, its entries count 0 tokens: %r", model, e)
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _from_url(url: str) -> redis.Redis:
+    # A timeout is not retried (a frozen Redis costs one); a dropped connection is, once, so a restart is seamless.
+    retry = redis.retry.Retry(redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+    return redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, retry=retry)
+
+
+def _failed(r: Any, error: Exception) -> None:
+    if r not in _down_until:  # once per outage, not once per call
+        log.warning("llm cache: Redis failed (%s: %s); calling the model directly, retrying every %ss",
+                    type(error).__name__, error, RETRY_AFTER)
+    _down_until[r] = time.monotonic() + RETRY_AFTER
+
+
+# KEYS: 1 entry hash {v = JSON, t = tokens it cost}, 2 its hit counter, 3 its lock, 4 the stream its waiters
+# block on, 5 its stats shard.  ARGV: 1 lock token, 2 LOCK_TTL ms, 3 HOT_THRESHOLD, 4 HOT_WINDOW s, 5 HOT_TTL s.
+# Returns {value, tokens} on a hit (counted), 0 if the caller now holds the lock, else the lock's ms to live.
+_READ = Script(None, b"""
+local e = redis.pcall('HMGET', KEYS[1], 'v', 't')
+if e.err or not e[1] then  -- missing, or a key of another type that _FINISH overwrites
+  -- the GET lets a client's retry of this very call keep the lock it took
+  if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[3]) == ARGV[1] then
+    redis.call('DEL', KEYS[4])
+    return 0
+  end
+  return math.max(redis.call('PTTL', KEYS[3]), 1)
+end
+-- pcall: a Redis out of memory (noeviction) refuses the bookkeeping, but still serves the hit
+local hits = tonumber(redis.pcall('INCR', KEYS[2])) or 0
+if hits == 1 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
+if hits >= tonumber(ARGV[3]) and redis.call('TTL', KEYS[1]) < tonumber(ARGV[5]) then
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+end
+redis.pcall('HINCRBY', KEYS[5], 'hits', 1)
+redis.pcall('HINCRBY', KEYS[5], 'tokens_saved', e[2] or 0)
+return {e[1], e[2] or '0'}
+""")
+# KEYS as _READ.  ARGV: 1 lock token, 2 JSON value ('' stores nothing), 3 its tokens, 4 ttl ms, 5 LOCK_TTL ms.
+# Stores the value, releases the lock if the caller still owns it, and wakes the waiters if either happened.
+_FINISH = Script(None, b"""
+local wake = ARGV[2] ~= ''
+if wake then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('HSET', KEYS[1], 'v', ARGV[2], 't', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('HINCRBY', KEYS[5], 'misses', 1)
+end
+if redis.call('GET', KEYS[3]) == ARGV[1] then wake = redis.call('DEL', KEYS[3]) end
+if wake then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '1', '*', 'stored', '1')
+  redis.call('PEXPIRE', KEYS[4], ARGV[5])
+end
+""")
+
+
+def _lookup(r: Any, keys: list[str], token: str) -> Any:
+    """The cached value; else _MISS once the caller should call the model (holding the lock if it could)."""
+    deadline = time.monotonic() + 2 * LOCK_TTL  # a dead holder's whole lock, then its successor's whole call
+    while True:
+        reply = _READ(keys, [token, LOCK_TTL * 1000, HOT_THRESHOLD, HOT_WINDOW, HOT_TTL], client=r)
+        if isinstance(reply, list):
+            try:
+                return json.loads(reply[0])
+            except ValueError:
+                r.delete(keys[0])  # corrupt: a miss, overwritten by this caller's answer
+                continue
+        left = deadline - time.monotonic()
+        if reply == 0 or left <= 0:
+            return _MISS
+        # Sleep until the holder stores its answer or its lock expires, waking before the socket times out.
+        block = min(reply, left * 1000, (r.get_connection_kwargs().get("socket_timeout") or math.inf) * 500)
+        r.xread({keys[3]: "0-0"}, count=1, block=max(1, int(block)))
+
+
+def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl: float | None = None, *,
+               client: redis.Redis | redis.RedisCluster | None = None, params: dict | None = None) -> Any:
+    """call_fn()'s answer to this request, as JSON gives it back; the model is called only on a miss."""
+    ttl = DEFAULT_TTL if ttl is None else ttl
+    keys = _keys(messages, model, params)
+    if not callable(call_fn):
+        raise TypeError(f"call_fn must be a callable taking no arguments, got {type(call_fn).__name__}")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise TypeError(f"ttl must be a positive number of seconds, got {type(ttl).__name__}")
+    if not 0 < ttl < math.inf:
+        raise ValueError(f"ttl must be a positive number of seconds, got {ttl}")
+    r = client if client is not None else _from_url(os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
+    token, down = secrets.token_hex(8), _down_until.get(r, 0) > time.monotonic()
+    if not down:  # else Redis failed moments ago: don't wait on it again yet
+        try:
+            value = _lookup(r, keys, token)
+            if _down_until.pop(r, None):
+                log.warning("llm cache: Redis answers again, caching resumed")
+            if value is not _MISS:
+                return value
+        except _ERRORS as e:
+            _failed(r, e)
+            down = True
+    data = None
+    try:
+        result = call_fn()
+        if not isinstance(result, Iterator):  # a stream is the caller's to consume, never cached
+            if hasattr(result, "model_dump"):  # pydantic, such as the openai SDK's ChatCompletion
+                result = result.model_dump(mode="json")
+            try:
+                data = json.dumps(result, separators=(",", ":"), allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"call_fn must return JSON data or a pydantic model, got {type(result).__name__}: "
+                                f"{e}") from None
+            result = json.loads(data)  # exactly what a later hit returns
+    finally:  # also when call_fn raised: release the lock at once, so the next caller need not wait
+        if not down:
+            try:
+                _FINISH(keys, [token, data or "", _tokens(messages, model, result) if data else 0,
+                               math.ceil(ttl * 1000), LOCK_TTL * 1000], client=r)
+            except _ERRORS as e:
+                _failed(r, e)
+    return result
+
+
+def stats(client: redis.Redis | redis.RedisCluster | None = None) -> dict[str, float]:
+    """Hits, misses, hit_rate and tokens_saved under the current PREFIX, summed over its 256 shards."""
+    r = client if client is not None else _from_url(os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
+    pipe = r.pipeline(transaction=False)
+    for tag in range(256):
+        pipe.hgetall(f"{PREFIX}{{{tag:02x}}}stats")
+    totals = {"hits": 0, "misses": 0, "tokens_saved": 0}
+    for shard in pipe.execute():
+        for field, n in shard.items():
+            totals[field if isinstance(field, str) else field.decode()] += int(n)
+    calls = totals["hits"] + totals["misses"]
+    return {**totals, "hit_rate": totals["hits"] / calls if calls else 0.0}

@@ -1,0 +1,989 @@
+"""Tests for cache.py, on fakeredis and on real redis-server processes that the tests start and stop."""
+from __future__ import annotations
+
+import json, logging, math, multiprocessing, os, pathlib, random, shutil, signal, socket, subprocess, threading, time, uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import fakeredis
+import openai
+import pydantic
+import pytest
+import redis
+from hypothesis import given, settings, strategies as st
+from openai.types.chat import ChatCompletion
+from redis.crc import key_slot
+
+import cache
+
+MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Capital of France?"}]
+ANSWER = {"choices": [{"message": {"role": "assistant", "content": "Paris."}}], "usage": {"total_tokens": 23}}
+FORK = multiprocessing.get_context("fork")
+SHARED_TIKTOKEN = pathlib.Path(__file__).resolve().parent.parent / "shared" / "tiktoken_cache"
+
+
+# ---------------------------------------------------------------- real servers the tests own
+
+def _need(reason: str) -> None:
+    if os.environ.get("REQUIRE_REAL_REDIS") == "1":
+        pytest.fail(f"REQUIRE_REAL_REDIS=1 but {reason}")
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A redis-server on a free port in its own directory, which a test may kill, freeze or restart."""
+
+    def __init__(self, directory: pathlib.Path, *options: str):
+        if shutil.which("redis-server") is None:
+            _need("no redis-server on PATH")
+        self.port, self.dir, self.options = _free_port(), directory, options
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.dir), *self.options],
+                                     stdout=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
+                        return
+            except OSError:
+                time.sleep(0.025)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def freeze(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def client(self, **kw) -> redis.Redis:
+        return redis.Redis(port=self.port, **kw)
+
+
+@pytest.fixture(scope="session")
+def real_url(tmp_path_factory):
+    """TEST_REDIS_URL; else a redis-server from PATH; else a testcontainers Redis; else skip (or fail)."""
+    if os.environ.get("TEST_REDIS_URL"):
+        yield os.environ["TEST_REDIS_URL"]
+        return
+    if shutil.which("redis-server"):
+        server = Server(tmp_path_factory.mktemp("redis"))
+        yield server.url
+        server.kill()
+        return
+    try:
+        from testcontainers.redis import RedisContainer
+
+        container = RedisContainer("redis:7").start()
+    except Exception as e:  # no testcontainers, or no Docker engine answering
+        _need(f"no real Redis: no TEST_REDIS_URL, no redis-server on PATH, no container ({e!r:.100})")
+    yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
+    container.stop()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A server of this test's own, for faults no shared server may suffer."""
+    s = Server(tmp_path)
+    yield s
+    s.thaw()
+    s.kill()
+
+
+@pytest.fixture(params=["fakeredis", "fakeredis-decoded", "real", "real-decoded"])
+def client(request):
+    decoded = request.param.endswith("decoded")
+    if request.param.startswith("fakeredis"):
+        c = fakeredis.FakeRedis(decode_responses=decoded)
+    else:
+        c = redis.Redis.from_url(request.getfixturevalue("real_url"), decode_responses=decoded)
+    yield c
+    c.close()
+
+
+@pytest.fixture(autouse=True)
+def fresh_prefix(monkeypatch):
+    """Every test writes under a prefix of its own, so no test flushes or sees another's keys."""
+    monkeypatch.setattr(cache, "PREFIX", f"test:{uuid.uuid4().hex[:12]}:")
+
+
+def counting(value=ANSWER):
+    """A call_fn that returns value and records each call."""
+    def call_fn():
+        call_fn.calls += 1
+        return value
+    call_fn.calls = 0
+    return call_fn
+
+
+# ---------------------------------------------------------------- keys
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+                           max_leaves=10)
+messages_st = st.lists(st.dictionaries(st.text(max_size=8), json_values, min_size=1, max_size=4), max_size=4)
+
+
+def reordered(value):
+    """The same JSON value with every dict's keys in reverse insertion order."""
+    if isinstance(value, dict):
+        return {k: reordered(value[k]) for k in reversed(list(value))}
+    if isinstance(value, list):
+        return [reordered(v) for v in value]
+    return value
+
+
+@given(messages_st, st.text(min_size=1), st.dictionaries(st.text(), json_values, max_size=3))
+def test_dict_key_order_never_changes_the_key(messages, model, params):
+    assert cache._keys(messages, model, params) == cache._keys(reordered(messages), model, reordered(params))
+
+
+@given(messages_st, st.text(min_size=1), st.text(min_size=1))
+def test_any_other_model_gives_another_key(messages, model, other):
+    if model != other:
+        assert cache._keys(messages, model, None)[0] != cache._keys(messages, other, None)[0]
+
+
+@given(messages_st, messages_st, st.text(min_size=1))
+def test_any_other_message_gives_another_key(messages, others, model):
+    if messages != others:
+        assert cache._keys(messages, model, None)[0] != cache._keys(others, model, None)[0]
+
+
+def test_system_prompt_and_params_are_part_of_the_key():
+    base = cache._keys(MSGS, "gpt-4", None)[0]
+    other_system = [{"role": "system", "content": "You are verbose."}] + MSGS[1:]
+    assert cache._keys(other_system, "gpt-4", None)[0] != base
+    assert cache._keys(MSGS, "gpt-4", {"temperature": 0.7})[0] != base
+    assert cache._keys(MSGS, "gpt-4", {"temperature": 0.7})[0] != cache._keys(MSGS, "gpt-4", {"temperature": 0})[0]
+    assert cache._keys(MSGS, "gpt-4", {})[0] == base  # no params and empty params are the same request
+
+
+def test_key_is_sha256_of_canonical_json_with_non_ascii_kept():
+    import hashlib
+
+    messages = [{"role": "user", "content": "Grüße, 世界"}]
+    canonical = json.dumps(["m", messages, {}], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert cache._keys(messages, "m", None)[0].endswith(hashlib.sha256(canonical.encode()).hexdigest())
+
+
+@given(st.text(min_size=1), messages_st)
+def test_entry_lock_and_counter_share_one_cluster_slot(model, messages):
+    keys = cache._keys(messages, model + "{x}}{", None)
+    assert len({key_slot(k.encode()) for k in keys}) == 1
+
+
+# ---------------------------------------------------------------- miss, hit, values
+
+def test_second_identical_call_is_a_hit(client):
+    call_fn = counting({"answer": (1, 2), "text": "Grüße"})
+    first = cache.get_or_set(MSGS, "gpt-4", call_fn, client=client)
+    second = cache.get_or_set(MSGS, "gpt-4", call_fn, client=client)
+    assert call_fn.calls == 1
+    assert first == second == {"answer": [1, 2], "text": "Grüße"}  # what JSON gives back, miss and hit alike
+
+
+@pytest.mark.parametrize("falsy", [None, "", 0, [], {}, False])
+def test_a_cached_falsy_value_is_a_hit(client, falsy):
+    call_fn = counting(falsy)
+    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == falsy
+    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == falsy
+    assert call_fn.calls == 1
+
+
+def test_pydantic_result_is_stored_as_its_json_dump(client):
+    class Answer(pydantic.BaseModel):
+        text: str
+        score: float
+
+    first = cache.get_or_set(MSGS, "m", lambda: Answer(text="hi", score=0.5), client=client)
+    second = cache.get_or_set(MSGS, "m", counting(), client=client)
+    assert first == second == {"text": "hi", "score": 0.5}
+
+
+@pytest.mark.parametrize("bad", [object(), {1, 2}, b"bytes", {"x": math.nan}])
+def test_non_json_result_raises_type_error_and_stores_nothing(client, bad):
+    with pytest.raises(TypeError) as raised:
+        cache.get_or_set(MSGS, "m", lambda: bad, client=client)
+    assert type(bad).__name__ in str(raised.value)
+    keys = cache._keys(MSGS, "m", None)
+    assert client.exists(keys[0], keys[2]) == 0  # no entry, no lock left behind
+    call_fn = counting()
+    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
+    assert call_fn.calls == 1
+
+
+def test_ttl_is_the_entry_lifetime(client):
+    cache.get_or_set(MSGS, "m", counting(), ttl=120, client=client)
+    assert 110 < client.ttl(cache._keys(MSGS, "m", None)[0]) <= 120
+    cache.get_or_set(MSGS, "n", counting(), client=client)
+    assert cache.DEFAULT_TTL - 10 < client.ttl(cache._keys(MSGS, "n", None)[0]) <= cache.DEFAULT_TTL
+
+
+# ---------------------------------------------------------------- hit counting and hot keys
+
+def test_hits_are_counted_and_hot_entries_slide_to_hot_ttl(client, monkeypatch):
+    monkeypatch.setattr(cache, "HOT_THRESHOLD", 3)
+    monkeypatch.setattr(cache, "HOT_TTL", 1000)
+    entry, hits = cache._keys(MSGS, "m", None)[:2]
+    cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    assert client.get(hits) is None  # a miss is not a hit
+    for n in (1, 2):
+        cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+        assert int(client.get(hits)) == n
+        assert 90 < client.ttl(entry) <= 100  # below the threshold a hit leaves the TTL alone
+    assert cache.HOT_WINDOW - 10 < client.ttl(hits) <= cache.HOT_WINDOW
+    cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    assert 990 < client.ttl(entry) <= 1000  # the threshold-th hit makes it hot
+    client.expire(entry, 500)  # time passes
+    cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    assert 990 < client.ttl(entry) <= 1000  # sliding: every hot hit extends it from now
+
+
+def test_hot_promotion_never_shortens_a_longer_ttl(client, monkeypatch):
+    monkeypatch.setattr(cache, "HOT_THRESHOLD", 2)
+    monkeypatch.setattr(cache, "HOT_TTL", 1000)
+    for _ in range(5):
+        cache.get_or_set(MSGS, "m", counting(), ttl=5000, client=client)
+    assert 4990 < client.ttl(cache._keys(MSGS, "m", None)[0]) <= 5000
+
+
+def test_hit_window_restarts_the_count(client, monkeypatch):
+    monkeypatch.setattr(cache, "HOT_THRESHOLD", 3)
+    monkeypatch.setattr(cache, "HOT_TTL", 1000)
+    entry, hits = cache._keys(MSGS, "m", None)[:2]
+    for _ in range(3):  # a miss, then two hits
+        cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    client.delete(hits)  # the window ran out
+    cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    assert int(client.get(hits)) == 1
+    assert 90 < client.ttl(entry) <= 100
+
+
+# ---------------------------------------------------------------- prefix
+
+def test_bumping_prefix_orphans_every_entry_without_a_flush(client, monkeypatch):
+    call_fn = counting()
+    cache.get_or_set(MSGS, "m", call_fn, client=client)
+    old_entry = cache._keys(MSGS, "m", None)[0]
+    monkeypatch.setattr(cache, "PREFIX", cache.PREFIX + "v2:")
+    cache.get_or_set(MSGS, "m", call_fn, client=client)
+    cache.get_or_set(MSGS, "m", call_fn, client=client)
+    assert call_fn.calls == 2
+    assert client.exists(old_entry) == 1
+
+
+def test_prefix_default_comes_from_the_environment():
+    env = {**os.environ, "LLM_CACHE_PREFIX": "app:v7:"}
+    out = subprocess.run(["python", "-c", "import cache; print(cache.PREFIX)"], env=env, capture_output=True, text=True,
+                         cwd=pathlib.Path(__file__).parent, check=True)
+    assert out.stdout.strip() == "app:v7:"
+
+
+# ---------------------------------------------------------------- errors and bad input
+
+def test_call_fn_exception_propagates_and_releases_the_lock_at_once(client):
+    boom = RuntimeError("model down")
+
+    def failing():
+        raise boom
+
+    with pytest.raises(RuntimeError) as raised:
+        cache.get_or_set(MSGS, "m", failing, client=client)
+    assert raised.value is boom
+    keys = cache._keys(MSGS, "m", None)
+    assert client.exists(keys[0], keys[2]) == 0
+    call_fn = counting()
+    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER  # the next caller does not wait LOCK_TTL
+    assert call_fn.calls == 1
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda c, k: c.set(k, "not json at all"),
+    lambda c, k: c.hset(k, mapping={"v": "{broken", "t": "3"}),
+    lambda c, k: c.rpush(k, "a list"),
+])
+def test_a_corrupt_entry_is_a_miss_and_is_overwritten(client, corrupt):
+    entry = cache._keys(MSGS, "m", None)[0]
+    corrupt(client, entry)
+    call_fn = counting()
+    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
+    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
+    assert call_fn.calls == 1
+
+
+class Untouchable:
+    def __getattr__(self, name):
+        raise AssertionError(f"Redis was touched: {name}")
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"messages": "hello"}, TypeError, "messages must be a list of dicts"),
+    ({"messages": [{"role": "user"}, "hello"]}, TypeError, "messages must be a list of dicts"),
+    ({"messages": [{"content": object()}]}, TypeError, "JSON-serializable"),
+    ({"model": ""}, ValueError, "model must be a non-empty str"),
+    ({"model": None}, TypeError, "model must be a non-empty str"),
+    ({"call_fn": "not callable"}, TypeError, "call_fn must be a callable"),
+    ({"ttl": 0}, ValueError, "ttl must be a positive number of seconds, got 0"),
+    ({"ttl": -5}, ValueError, "ttl must be a positive number of seconds, got -5"),
+    ({"ttl": math.nan}, ValueError, "ttl must be a positive number of seconds, got nan"),
+    ({"ttl": "60"}, TypeError, "ttl must be a positive number of seconds, got str"),
+    ({"ttl": True}, TypeError, "ttl must be a positive number of seconds, got bool"),
+    ({"params": "temperature=0"}, TypeError, "params must be a dict or None"),
+    ({"params": {"seed": object()}}, TypeError, "JSON-serializable"),
+])
+def test_bad_arguments_fail_before_redis_or_the_model_is_touched(change, error, message):
+    call_fn = counting()
+    args = {"messages": MSGS, "model": "m", "call_fn": call_fn, "ttl": 60, "params": None, **change}
+    with pytest.raises(error) as raised:
+        cache.get_or_set(**args, client=Untouchable())
+    assert message in str(raised.value)
+    assert call_fn.calls == 0
+
+
+def test_unreachable_redis_is_answered_by_the_model_with_a_warning(caplog):
+    dead = redis.Redis(port=_free_port())
+    call_fn = counting()
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        assert cache.get_or_set(MSGS, "m", call_fn, client=dead) == ANSWER
+        assert cache.get_or_set(MSGS, "m", call_fn, client=dead) == ANSWER
+    assert call_fn.calls == 2
+    assert len([r for r in caplog.records if "Redis failed" in r.message]) == 1  # once per outage
+
+
+def test_import_never_connects_and_needs_no_environment():
+    probe = ("import socket\n"
+             "def refuse(*a, **k): raise AssertionError('connected at import')\n"
+             "socket.socket.connect = socket.create_connection = refuse\n"
+             "import cache; print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "LLM_CACHE_PREFIX")}
+    out = subprocess.run(["python", "-c", probe], env=env, capture_output=True, text=True,
+                         cwd=pathlib.Path(__file__).parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_default_client_comes_from_redis_url_at_call_time(server, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", server.url)
+    call_fn = counting()
+    cache.get_or_set(MSGS, "m", call_fn)
+    cache.get_or_set(MSGS, "m", call_fn)
+    assert call_fn.calls == 1
+    assert server.client().exists(cache._keys(MSGS, "m", None)[0]) == 1
+
+
+# ---------------------------------------------------------------- single flight across processes
+
+def _ask(url, start, results, sleep=0.3, value=ANSWER, messages=MSGS):
+    """A worker process: wait for the start, then ask; its call_fn counts calls in Redis."""
+    r = redis.Redis.from_url(url)
+
+    def call_fn():
+        r.incr(cache.PREFIX + "calls")
+        time.sleep(sleep)
+        return value
+
+    start.wait()
+    results.put(cache.get_or_set(messages, "m", call_fn, client=r))
+
+
+def _run_processes(n, target, *args):
+    start, results = FORK.Event(), FORK.Queue()
+    procs = [FORK.Process(target=target, args=(*args, start, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    start.set()
+    answers = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=10)
+    return answers
+
+
+def test_32_processes_asking_at_once_make_one_call(real_url):
+    answers = _run_processes(32, _ask, real_url)
+    assert answers == [ANSWER] * 32
+    assert int(redis.Redis.from_url(real_url).get(cache.PREFIX + "calls")) == 1
+
+
+def _rounds(url, rounds, barrier, start, results):
+    r = redis.Redis.from_url(url)
+    start.wait()
+    got = []
+    for n in range(rounds):
+        barrier.wait(timeout=60)
+
+        def call_fn(n=n):
+            r.incr(f"{cache.PREFIX}calls:{n}")
+            time.sleep(0.05)
+            return {"round": n}
+
+        got.append(cache.get_or_set([{"role": "user", "content": f"round {n}"}], "m", call_fn, client=r)["round"])
+    results.put(got)
+
+
+def test_64_processes_20_rounds_make_exactly_one_call_per_round(real_url):
+    rounds = 20
+    answers = _run_processes(64, _rounds, real_url, rounds, FORK.Barrier(64))
+    assert answers == [list(range(rounds))] * 64
+    r = redis.Redis.from_url(real_url)
+    assert [int(r.get(f"{cache.PREFIX}calls:{n}")) for n in range(rounds)] == [1] * rounds
+
+
+def _different(url, barrier, start, results):
+    r = redis.Redis.from_url(url)
+    me = os.getpid()
+
+    def call_fn():
+        barrier.wait(timeout=30)  # every call must be in flight at once, or this breaks
+        return {"pid": me}
+
+    start.wait()
+    results.put(cache.get_or_set([{"role": "user", "content": str(me)}], "m", call_fn, client=r)["pid"])
+
+
+def test_64_different_requests_are_not_serialized(real_url):
+    pids = _run_processes(64, _different, real_url, FORK.Barrier(64))
+    assert len(set(pids)) == 64  # each got its own answer, and all 64 calls overlapped (the barrier held)
+
+
+# ---------------------------------------------------------------- round trips
+
+def _tcp_commands(url, action):
+    """The commands that action sends to the server as seen by MONITOR (commands run inside scripts left out)."""
+    admin, marker = redis.Redis.from_url(url), redis.Redis.from_url(url)
+    marker.ping()  # connected before MONITOR starts, so its handshake is not counted
+    with admin.monitor() as m:
+        action()
+        marker.echo("end-of-action")
+        seen = []
+        while True:
+            c = m.next_command()
+            if "end-of-action" in c["command"]:
+                return seen
+            if c["client_type"] != "lua":
+                seen.append(c["command"].split()[0].upper())
+
+
+def test_a_hit_is_one_round_trip_and_a_miss_two(server):
+    r = server.client()
+    r.ping()
+    cache.get_or_set(MSGS, "warm", counting(), client=r)  # loads the scripts
+    miss = _tcp_commands(server.url, lambda: cache.get_or_set(MSGS, "m", counting(), client=r))
+    hit = _tcp_commands(server.url, lambda: cache.get_or_set(MSGS, "m", counting(), client=r))
+    assert hit == ["EVALSHA"]  # value, hit count, hot promotion and statistics in one script
+    assert miss == ["EVALSHA", "EVALSHA"]  # look up and lock; store, release and wake
+
+
+# ---------------------------------------------------------------- waiting
+
+def test_waiters_wake_when_the_answer_is_stored_not_when_they_poll(server):
+    release = threading.Event()
+    r = server.client()
+    cache.get_or_set(MSGS, "warm", counting(), client=r)  # loads the scripts
+
+    def slow():
+        release.wait(timeout=30)
+        return ANSWER
+
+    holder = threading.Thread(target=cache.get_or_set, args=(MSGS, "m", slow), kwargs={"client": r})
+    holder.start()
+    while not r.exists(cache._keys(MSGS, "m", None)[2]):
+        time.sleep(0.01)
+    waiter_results = []
+    waiter = threading.Thread(target=lambda: waiter_results.append(
+        cache.get_or_set(MSGS, "m", counting("wrong"), client=server.client())))
+    waiter.start()
+    time.sleep(0.5)  # let the waiter block
+    commands = _tcp_commands(server.url, lambda: (release.set(), holder.join(), waiter.join()))
+    assert waiter_results == [ANSWER]
+    # the holder stores once; the woken waiter reads once: no polling traffic in between
+    assert commands.count("EVALSHA") == 2
+    assert commands.count("XREAD") <= 1
+
+
+# ---------------------------------------------------------------- faults
+
+def _hold_forever(url, lock_ttl, start, results):
+    cache.LOCK_TTL = lock_ttl
+    r = redis.Redis.from_url(url)
+
+    def call_fn():
+        r.incr(cache.PREFIX + "calls")
+        time.sleep(3600)
+
+    start.wait()
+    cache.get_or_set(MSGS, "m", call_fn, client=r)
+
+
+def test_a_killed_holder_costs_one_more_call_and_no_hang(server, monkeypatch):
+    monkeypatch.setattr(cache, "LOCK_TTL", 2)
+    r = server.client()
+    start, results = FORK.Event(), FORK.Queue()
+    holder = FORK.Process(target=_hold_forever, args=(server.url, 2, start, results))
+    holder.start()
+    start.set()
+    while r.get(cache.PREFIX + "calls") is None:
+        time.sleep(0.01)
+    waiters = [FORK.Process(target=_ask, args=(server.url, start, results, 0.2, {"second": True})) for _ in range(8)]
+    for w in waiters:
+        w.start()
+    time.sleep(0.2)
+    holder.kill()
+    answers = [results.get(timeout=30) for _ in waiters]
+    assert answers == [{"second": True}] * 8
+    assert int(r.get(cache.PREFIX + "calls")) == 2
+    assert r.exists(cache._keys(MSGS, "m", None)[2]) == 0  # no lock left behind
+
+
+def test_a_holder_that_outlived_its_lock_cannot_release_its_successors(server, monkeypatch):
+    monkeypatch.setattr(cache, "LOCK_TTL", 1)
+    r = server.client()
+    lock = cache._keys(MSGS, "m", None)[2]
+    first_may_fail, second_may_finish = threading.Event(), threading.Event()
+    calls = []
+
+    def first():
+        calls.append("first")
+        first_may_fail.wait(timeout=30)
+        raise TimeoutError("model took too long")
+
+    def second():
+        calls.append("second")
+        second_may_finish.wait(timeout=30)
+        return {"by": "second"}
+
+    outcome = {}
+
+    def run(name, fn):
+        try:
+            outcome[name] = cache.get_or_set(MSGS, "m", fn, client=server.client())
+        except Exception as e:
+            outcome[name] = e
+
+    t1 = threading.Thread(target=run, args=("first", first))
+    t1.start()
+    while not calls:
+        time.sleep(0.01)
+    while r.exists(lock):  # the first holder's lock expires under it
+        time.sleep(0.05)
+    t2 = threading.Thread(target=run, args=("second", second))
+    t2.start()
+    while len(calls) < 2:
+        time.sleep(0.01)
+    first_may_fail.set()
+    t1.join()
+    assert isinstance(outcome["first"], TimeoutError)
+    assert r.exists(lock) == 1  # the failed first holder left the second's lock alone
+    t3 = threading.Thread(target=run, args=("third", counting("third called the model")))
+    t3.start()
+    time.sleep(0.3)
+    assert "third" not in outcome  # it waits for the second holder
+    second_may_finish.set()
+    t2.join()
+    t3.join()
+    assert outcome["second"] == outcome["third"] == {"by": "second"}
+    assert calls == ["first", "second"]
+
+
+def test_an_evicted_lock_costs_at_most_a_duplicate_call(server):
+    r = server.client()
+    release = threading.Event()
+    calls = []
+
+    def slow():
+        calls.append(1)
+        release.wait(timeout=30)
+        return ANSWER
+
+    threads = [threading.Thread(target=cache.get_or_set, args=(MSGS, "m", slow), kwargs={"client": server.client()})
+               for _ in range(3)]
+    threads[0].start()
+    while not calls:
+        time.sleep(0.01)
+    for t in threads[1:]:
+        t.start()
+    time.sleep(0.2)
+    r.delete(cache._keys(MSGS, "m", None)[2])  # what allkeys-lru does to a lock under memory pressure
+    while len(calls) < 2:
+        time.sleep(0.01)
+    release.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert len(calls) == 2
+    assert cache.get_or_set(MSGS, "m", counting("not cached"), client=r) == ANSWER
+
+
+def test_frozen_redis_costs_one_timeout_per_outage_and_caching_resumes(server, monkeypatch, caplog):
+    monkeypatch.setenv("REDIS_URL", server.url)  # the module's own client, with its short timeouts
+    monkeypatch.setattr(cache, "RETRY_AFTER", 0.5)
+    cache.get_or_set(MSGS, "m", counting())
+    server.freeze()
+    call_fn = counting({"fresh": True})
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        answers = [cache.get_or_set(MSGS, "m", call_fn) for _ in range(100)]
+    assert answers == [{"fresh": True}] * 100 and call_fn.calls == 100
+    assert len([r for r in caplog.records if "Redis failed" in r.message]) == 1
+    server.thaw()
+    for attempt in range(100):  # caching resumes on its own, a RETRY_AFTER later
+        call_fn = counting()
+        question = [{"role": "user", "content": f"after the outage, attempt {attempt}"}]
+        cache.get_or_set(question, "m", call_fn)
+        cache.get_or_set(question, "m", call_fn)
+        if call_fn.calls == 1:
+            break
+        time.sleep(0.1)
+    assert call_fn.calls == 1
+
+
+def test_a_restarted_redis_is_used_again_at_once(server, monkeypatch, caplog):
+    monkeypatch.setenv("REDIS_URL", server.url)
+    call_fn = counting()
+    cache.get_or_set(MSGS, "m", call_fn)
+    server.kill()
+    server.start()
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        cache.get_or_set(MSGS, "m", call_fn)  # the server lost its data; the stale connection is redialled
+        cache.get_or_set(MSGS, "m", call_fn)
+    assert call_fn.calls == 2
+    assert not [r for r in caplog.records if "Redis failed" in r.message]
+
+
+def test_out_of_memory_serves_hits_and_answers_misses_with_a_logged_write_error(server, caplog):
+    r = server.client()
+    cache.get_or_set(MSGS, "cached", counting(), client=r)
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", 1)
+    call_fn = counting()
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        assert cache.get_or_set(MSGS, "cached", call_fn, client=r) == ANSWER
+        assert call_fn.calls == 0  # a hit still served
+        assert cache.get_or_set(MSGS, "new", call_fn, client=r) == ANSWER
+        assert cache.get_or_set(MSGS, "newer", call_fn, client=r) == ANSWER
+    assert call_fn.calls == 2
+    failures = [r.message for r in caplog.records if "Redis failed" in r.message]
+    assert len(failures) == 1 and "maxmemory" in failures[0]
+
+
+class DelayingProxy:
+    """A TCP proxy to Redis that holds some replies back longer than the client's socket timeout."""
+
+    def __init__(self, upstream_port, delay, every):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port, self.upstream, self.delay, self.every = self.listener.getsockname()[1], upstream_port, delay, every
+        self.rng = random.Random(7)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pipe, args=(down, up, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, down, True), daemon=True).start()
+
+    def _pipe(self, src, dst, slow):
+        try:
+            while data := src.recv(65536):
+                if slow and self.rng.random() < self.every:
+                    time.sleep(self.delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                s.close()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_replies_delayed_past_the_timeout_never_give_a_wrong_answer(server, monkeypatch):
+    monkeypatch.setattr(cache, "RETRY_AFTER", 0)  # try Redis on every call, so every call crosses the proxy
+    proxy = DelayingProxy(server.port, delay=0.15, every=0.03)
+    retry = redis.retry.Retry(redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+    r = redis.Redis(port=proxy.port, socket_timeout=0.1, retry=retry)
+    rng = random.Random(1)
+    wrong = []
+    for _ in range(1000):
+        n = rng.randrange(50)
+        got = cache.get_or_set([{"role": "user", "content": f"question {n}"}], "m", lambda n=n: {"n": n}, client=r)
+        if got != {"n": n}:
+            wrong.append((n, got))
+    proxy.close()
+    assert wrong == []
+
+
+# ---------------------------------------------------------------- authentication
+
+def test_password_and_acl_user_urls_work_and_a_wrong_password_fails_open(tmp_path, monkeypatch, caplog):
+    s = Server(tmp_path, "--requirepass", "s3cret")
+    try:
+        s.client(password="s3cret").acl_setuser("app", enabled=True, passwords=["+app-pass"], keys=["*"],
+                                                commands=["+@all"])
+        for url in (f"redis://:s3cret@127.0.0.1:{s.port}/0", f"redis://app:app-pass@127.0.0.1:{s.port}/0"):
+            monkeypatch.setenv("REDIS_URL", url)
+            call_fn = counting()
+            cache.get_or_set(MSGS, url, call_fn)
+            cache.get_or_set(MSGS, url, call_fn)
+            assert call_fn.calls == 1
+        monkeypatch.setenv("REDIS_URL", f"redis://app:wrong@127.0.0.1:{s.port}/0")
+        call_fn = counting()
+        with caplog.at_level(logging.WARNING, logger="cache"):
+            assert cache.get_or_set(MSGS, "m", call_fn) == ANSWER
+            assert cache.get_or_set(MSGS, "m", call_fn) == ANSWER
+        assert call_fn.calls == 2
+        failures = [r.message for r in caplog.records if "Redis failed" in r.message]
+        assert len(failures) == 1 and "AuthenticationError" in failures[0]
+    finally:
+        s.kill()
+
+
+def test_no_pickle_anywhere():
+    source = (pathlib.Path(__file__).parent / "cache.py").read_text()
+    assert "pickle" not in source and "eval(" not in source.replace("evalsha", "")
+
+
+# ---------------------------------------------------------------- Redis Cluster
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if not shutil.which("redis-cli"):
+        _need("no redis-cli on PATH to create a cluster")
+    nodes = [Server(tmp_path_factory.mktemp("node"), "--cluster-enabled", "yes") for _ in range(3)]
+    try:
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        for _ in range(200):
+            if all(b"cluster_state:ok" in n.client().execute_command("CLUSTER INFO") for n in nodes):
+                break
+            time.sleep(0.05)
+        c = redis.RedisCluster(host="127.0.0.1", port=nodes[0].port)
+        yield c, nodes
+        c.close()
+    finally:
+        for n in nodes:
+            n.kill()
+
+
+def test_cluster_core_behaviour_without_crossslot(cluster, caplog):
+    c, nodes = cluster
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        for n in range(60):
+            call_fn = counting({"n": n})
+            messages = [{"role": "user", "content": f"question {n}"}]
+            assert cache.get_or_set(messages, "gpt-4", call_fn, client=c) == {"n": n}
+            assert cache.get_or_set(messages, "gpt-4", call_fn, client=c) == {"n": n}
+            assert call_fn.calls == 1
+    assert not caplog.records  # no CROSSSLOT, no fail-open
+    counts = [len(n.client().keys(cache.PREFIX + "*")) for n in nodes]
+    assert all(count > 0 for count in counts)  # entries spread over all three masters
+    assert cache.stats(client=c) == {"hits": 60, "misses": 60, "tokens_saved": 0, "hit_rate": 0.5}
+
+
+def _ask_cluster(port, start, results):
+    c = redis.RedisCluster(host="127.0.0.1", port=port)
+
+    def call_fn():
+        c.incr(cache.PREFIX + "calls")
+        time.sleep(0.3)
+        return ANSWER
+
+    start.wait()
+    results.put(cache.get_or_set(MSGS, "m", call_fn, client=c))
+
+
+def test_cluster_single_flight_is_one_call(cluster):
+    c, nodes = cluster
+    answers = _run_processes(16, _ask_cluster, nodes[0].port)
+    assert answers == [ANSWER] * 16
+    assert int(c.get(cache.PREFIX + "calls")) == 1
+
+
+# ---------------------------------------------------------------- statistics
+
+def test_stats_count_hits_misses_and_tokens_saved(client):
+    assert cache.stats(client=client) == {"hits": 0, "misses": 0, "tokens_saved": 0, "hit_rate": 0.0}
+    for _ in range(4):
+        cache.get_or_set(MSGS, "gpt-4", counting(), client=client)  # one miss, three hits of 23 tokens
+    cache.get_or_set(MSGS, "other", counting("x"), client=client)
+    expected_tokens = 3 * ANSWER["usage"]["total_tokens"]
+    assert cache.stats(client=client) == {"hits": 3, "misses": 2, "tokens_saved": expected_tokens, "hit_rate": 0.6}
+
+
+def test_bumping_prefix_starts_fresh_stats(client, monkeypatch):
+    cache.get_or_set(MSGS, "m", counting(), client=client)
+    cache.get_or_set(MSGS, "m", counting(), client=client)
+    monkeypatch.setattr(cache, "PREFIX", cache.PREFIX + "v2:")
+    assert cache.stats(client=client)["hits"] == 0
+
+
+@pytest.fixture
+def tiktoken_offline(monkeypatch):
+    """tiktoken reads cl100k_base from the shared cache when it exists; elsewhere it downloads it."""
+    if SHARED_TIKTOKEN.is_dir():
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
+    cache._encoding.cache_clear()
+    yield
+    cache._encoding.cache_clear()
+
+
+@pytest.mark.parametrize("model", ["gpt-4", "some-local-llama"])  # a known model, and one tiktoken does not know
+def test_tokens_without_usage_are_counted_with_tiktoken_at_write_time(client, tiktoken_offline, model):
+    import tiktoken
+
+    answer = {"choices": [{"message": {"role": "assistant", "content": "Paris is the capital of France."}}]}
+    encoding = tiktoken.get_encoding("cl100k_base")
+    expected = sum(len(encoding.encode(t)) for t in [m["content"] for m in MSGS] + ["Paris is the capital of France."])
+    cache.get_or_set(MSGS, model, counting(answer), client=client)
+    assert int(client.hget(cache._keys(MSGS, model, None)[0], "t")) == expected  # counted once, when stored
+    cache.get_or_set(MSGS, model, counting(answer), client=client)
+    cache.get_or_set(MSGS, model, counting(answer), client=client)
+    assert cache.stats(client=client)["tokens_saved"] == 2 * expected
+
+
+def test_a_plain_string_answer_is_counted_too(client, tiktoken_offline):
+    import tiktoken
+
+    encoding = tiktoken.get_encoding("cl100k_base")
+    expected = sum(len(encoding.encode(t)) for t in [m["content"] for m in MSGS] + ["Paris."])
+    cache.get_or_set(MSGS, "gpt-4", counting("Paris."), client=client)
+    cache.get_or_set(MSGS, "gpt-4", counting("Paris."), client=client)
+    assert cache.stats(client=client)["tokens_saved"] == expected
+
+
+def test_tiktoken_that_cannot_load_counts_zero_with_one_warning(client, tmp_path, monkeypatch, caplog):
+    import tiktoken.registry
+
+    cache._encoding.cache_clear()
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget what this process loaded already,
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # find nothing on disk,
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{_free_port()}")  # and no way to download
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        for question in ("a", "b", "c"):
+            messages = [{"role": "user", "content": question}]
+            assert cache.get_or_set(messages, "gpt-4", counting("answer"), client=client) == "answer"
+            assert cache.get_or_set(messages, "gpt-4", counting("wrong"), client=client) == "answer"
+    cache._encoding.cache_clear()
+    assert len([r for r in caplog.records if "tiktoken" in r.message]) == 1
+    assert cache.stats(client=client) == {"hits": 3, "misses": 3, "tokens_saved": 0, "hit_rate": 0.5}
+
+
+# ---------------------------------------------------------------- the openai SDK, for real
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """An OpenAI-compatible /v1/chat/completions that records requests; self.server.mode picks the answer."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
+        if self.server.mode in (500, 429):
+            self._send(self.server.mode, {"error": {"message": "try later", "type": "server_error"}},
+                       {"retry-after-ms": "10"})
+        elif body.get("stream"):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for word in ("Par", "is."):
+                chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                         "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+        else:
+            n = len(self.server.requests)
+            self._send(200, {
+                "id": f"chatcmpl-{n}", "object": "chat.completion", "created": 1_700_000_000 + n,
+                "model": body["model"], "system_fingerprint": "fp_test",
+                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                             "message": {"role": "assistant", "content": f"Paris. (answer {n})", "refusal": None}}],
+                "usage": {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}})
+
+    def _send(self, status, payload, headers=None):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def openai_server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    httpd.requests, httpd.mode = [], "ok"
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd, openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_port}/v1", api_key="test")
+    httpd.shutdown()
+
+
+@pytest.mark.parametrize("dump", [True, False], ids=["model_dump", "ChatCompletion"])
+def test_openai_sdk_two_identical_calls_reach_the_server_once(client, openai_server, dump):
+    httpd, sdk = openai_server
+
+    def call():
+        completion = sdk.chat.completions.create(model="gpt-4.1-mini", messages=MSGS)
+        return completion.model_dump() if dump else completion
+
+    first = cache.get_or_set(MSGS, "gpt-4.1-mini", call, client=client)
+    second = cache.get_or_set(MSGS, "gpt-4.1-mini", call, client=client)
+    assert len(httpd.requests) == 1
+    assert ChatCompletion.model_validate(first) == ChatCompletion.model_validate(second)
+    assert first == second
+    assert ChatCompletion.model_validate(second).choices[0].message.content == "Paris. (answer 1)"
+    assert cache.stats(client=client)["tokens_saved"] == 25
+
+
+def test_openai_sdk_different_params_are_different_entries(client, openai_server):
+    httpd, sdk = openai_server
+    variants = [{}, {"temperature": 0.9}, {"response_format": {"type": "json_object"}},
+                {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}]
+    for _ in range(2):
+        for params in variants:
+            cache.get_or_set(MSGS, "gpt-4.1-mini", lambda p=params: sdk.chat.completions.create(
+                model="gpt-4.1-mini", messages=MSGS, **p), client=client, params=params)
+    assert len(httpd.requests) == len(variants)
+    assert [{k: v for k, v in r.items() if k not in ("model", "messages")} for r in httpd.requests] == variants
+
+
+@pytest.mark.parametrize("status, error", [(500, openai.InternalServerError), (429, openai.RateLimitError)])
+def test_openai_sdk_errors_reach_the_caller_and_nothing_is_cached(client, openai_server, status, error):
+    httpd, sdk = openai_server
+    httpd.mode = status
+    call = lambda: sdk.chat.completions.create(model="gpt-4.1-mini", messages=MSGS)  # noqa: E731
+    with pytest.raises(error):
+        cache.get_or_set(MSGS, "gpt-4.1-mini", call, client=client)
+    assert len(httpd.requests) == 1 + sdk.max_retries  # the SDK retried on its own first
+    httpd.mode = "ok"
+    answer = cache.get_or_set(MSGS, "gpt-4.1-mini", call, client=client)
+    assert len(httpd.requests) == 2 + sdk.max_retries  # nothing was cached: the next call went to the server
+    assert ChatCompletion.model_validate(answer).usage.total_tokens == 25
+
+
+def test_openai_sdk_stream_is_returned_untouched_and_never_cached(client, openai_server):
+    httpd, sdk = openai_server
+    call = lambda: sdk.chat.completions.create(model="gpt-4.1-mini", messages=MSGS, stream=True)  # noqa: E731
+    for _ in range(2):
+        stream = cache.get_or_set(MSGS, "gpt-4.1-mini", call, client=client, params={"stream": True})
+        assert isinstance(stream, openai.Stream)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == "Paris."
+    assert len(httpd.requests) == 2
+    keys = cache._keys(MSGS, "gpt-4.1-mini", {"stream": True})
+    assert client.exists(keys[0], keys[2]) == 0
