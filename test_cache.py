@@ -29,10 +29,21 @@ def _need(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port(bus: bool = False) -> int:
+    """A free port; with bus, one whose cluster bus port (port + 10000) is a free port too."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not bus:
+            return port
+        if port + 10000 <= 65535:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                    return port
+                except OSError:
+                    pass
 
 
 class Server:
@@ -41,7 +52,7 @@ class Server:
     def __init__(self, directory: pathlib.Path, *options: str):
         if shutil.which("redis-server") is None:
             _need("no redis-server on PATH")
-        self.port, self.dir, self.options = _free_port(), directory, options
+        self.port, self.dir, self.options = _free_port(bus="--cluster-enabled" in options), directory, options
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.start()
 
@@ -785,15 +796,17 @@ def test_cluster_core_behaviour_without_crossslot(cluster, caplog):
     c, nodes = cluster
     with caplog.at_level(logging.WARNING, logger="cache"):
         for n in range(60):
-            call_fn = counting({"n": n})
+            answer = {"n": n, "usage": {"total_tokens": 10 + n}}
+            call_fn = counting(answer)
             messages = [{"role": "user", "content": f"question {n}"}]
-            assert cache.get_or_set(messages, "gpt-4", call_fn, client=c) == {"n": n}
-            assert cache.get_or_set(messages, "gpt-4", call_fn, client=c) == {"n": n}
+            assert cache.get_or_set(messages, "gpt-4", call_fn, client=c) == answer
+            assert cache.get_or_set(messages, "gpt-4", call_fn, client=c) == answer
             assert call_fn.calls == 1
     assert not caplog.records  # no CROSSSLOT, no fail-open
     counts = [len(n.client().keys(cache.PREFIX + "*")) for n in nodes]
     assert all(count > 0 for count in counts)  # entries spread over all three masters
-    assert cache.stats(client=c) == {"hits": 60, "misses": 60, "tokens_saved": 0, "hit_rate": 0.5}
+    tokens = sum(10 + n for n in range(60))
+    assert cache.stats(client=c) == {"hits": 60, "misses": 60, "tokens_saved": tokens, "hit_rate": 0.5}
 
 
 def _ask_cluster(port, start, results):

@@ -1,0 +1,210 @@
+"""Measure cache.py against a real Redis: hit cost against the floor, miss overhead, waiters, fail-open.
+
+    python bench.py            # starts its own redis-server on a free port (or uses REDIS_URL)
+    python bench.py --quick    # a fast smoke run: fewer rounds, fewer processes
+    python bench.py --json     # the same figures as JSON
+"""
+from __future__ import annotations
+
+import argparse, json, multiprocessing, os, random, shutil, signal, socket, statistics, subprocess, tempfile, time
+
+import redis
+
+import cache
+
+MSGS = [{"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Summarise the plot of Hamlet in three sentences."}]
+COMPLETION = {  # a realistic ~1 KB chat completion
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1_760_000_000, "model": "gpt-4.1-mini",
+    "system_fingerprint": "fp_bench", "service_tier": "default",
+    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None, "message": {
+        "role": "assistant", "refusal": None, "annotations": [],
+        "content": "Prince Hamlet learns from his father's ghost that his uncle Claudius murdered the king to take the "
+                   "throne and marry Queen Gertrude. Feigning madness, Hamlet wavers over revenge, stages a play "
+                   "that exposes Claudius's guilt, and mistakenly kills Polonius, which drives Ophelia to madness "
+                   "and death. In a final duel arranged by Claudius, poisoned blade and cup kill Gertrude, Laertes, "
+                   "Claudius and Hamlet, leaving Fortinbras to take the crown of Denmark."}}],
+    "usage": {"prompt_tokens": 31, "completion_tokens": 104, "total_tokens": 135,
+              "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+              "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                            "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}}
+FORK = multiprocessing.get_context("fork")
+
+
+class Counting(redis.Redis):
+    """A client that counts the commands it sends: each is one round trip, as nothing here is pipelined."""
+
+    sent = 0
+
+    def execute_command(self, *args, **options):
+        self.sent += 1
+        return super().execute_command(*args, **options)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server() -> tuple[subprocess.Popen, int]:
+    port, workdir = free_port(), tempfile.mkdtemp(prefix="bench-redis-")
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            redis.Redis(port=port).ping()
+            return proc, port
+        except redis.ConnectionError:
+            time.sleep(0.025)
+    raise RuntimeError("redis-server did not start")
+
+
+def hit_vs_floor(url: str, rounds: int, n: int) -> dict:
+    r = Counting.from_url(url)
+    cache.get_or_set(MSGS, "gpt-4.1-mini", lambda: COMPLETION, client=r)
+    r.set("bench:floor", json.dumps(COMPLETION, separators=(",", ":")))
+    assert len(r.get("bench:floor")) >= 1000
+    floors, hits = [], []
+    for _ in range(rounds):  # alternate, so both see the same machine noise
+        t = time.perf_counter()
+        for _ in range(n):
+            json.loads(r.get("bench:floor"))
+        floors.append((time.perf_counter() - t) / n * 1e6)
+        sent, t = r.sent, time.perf_counter()
+        for _ in range(n):
+            cache.get_or_set(MSGS, "gpt-4.1-mini", lambda: COMPLETION, client=r)
+        hits.append((time.perf_counter() - t) / n * 1e6)
+        hit_trips = (r.sent - sent) / n
+    ratios = [h / f for h, f in zip(hits, floors)]
+    return {"floor_us": statistics.median(floors), "hit_us": statistics.median(hits),
+            "ratio": statistics.median(ratios), "round_trips_per_hit": hit_trips, "rounds": rounds}
+
+
+def miss_overhead(url: str, n: int) -> dict:
+    r = Counting.from_url(url)
+    r.get("warm")
+    cache.get_or_set([{"role": "user", "content": "warm"}], "m", lambda: COMPLETION, client=r)  # load scripts
+    sent, total = r.sent, 0.0
+    for i in range(n):
+        t = time.perf_counter()
+        cache.get_or_set([{"role": "user", "content": f"miss {i} {random.random()}"}], "m", lambda: COMPLETION, client=r)
+        total += time.perf_counter() - t
+    bare = time.perf_counter()
+    for _ in range(n):
+        json.loads(json.dumps(COMPLETION))  # what a miss must do anyway: hand back what JSON gives
+    bare = time.perf_counter() - bare
+    return {"round_trips": (r.sent - sent) / n, "overhead_us": (total - bare) / n * 1e6}
+
+
+def _crowd_member(url, delay, leader_call, start, out):
+    r = Counting.from_url(url)
+    r.ping()
+
+    def call_fn():
+        r2 = redis.Redis.from_url(url)
+        r2.incr(cache.PREFIX + "calls")
+        time.sleep(leader_call)
+        return COMPLETION
+
+    start.wait()
+    time.sleep(delay)
+    began, sent = time.monotonic(), r.sent
+    cache.get_or_set(MSGS, "crowd", call_fn, client=r)
+    out.put({"began": began, "ended": time.monotonic(), "sent": r.sent - sent, "delay": delay})
+
+
+def crowd(url: str, processes: int, leader_call: float = 1.0) -> dict:
+    """One process leads (its call takes leader_call s); the rest arrive at random moments while it runs."""
+    cache.PREFIX = f"bench:crowd:{processes}:{random.random()}:"
+    start, out = FORK.Event(), FORK.Queue()
+    delays = [0.0] + [random.uniform(0.05, leader_call * 0.8) for _ in range(processes - 1)]
+    procs = [FORK.Process(target=_crowd_member, args=(url, d, leader_call, start, out)) for d in delays]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)  # let every process connect first
+    start.set()
+    rows = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join()
+    leader = min(rows, key=lambda row: row["delay"])
+    waiters = [row for row in rows if row is not leader]
+    lags = [(row["ended"] - leader["ended"]) * 1000 for row in waiters]
+    rates = [row["sent"] / (row["ended"] - row["began"]) for row in waiters]
+    calls = int(redis.Redis.from_url(url).get(cache.PREFIX + "calls"))
+    return {"processes": processes, "calls": calls, "lag_median_ms": statistics.median(lags),
+            "lag_max_ms": max(lags), "commands_per_waiter_per_s": statistics.median(rates),
+            "commands_per_waiter_per_s_max": max(rates)}
+
+
+def fail_open(port: int, proc: subprocess.Popen | None, calls: int) -> dict:
+    """Cost of cache.get_or_set over a bare call, with Redis refusing connections and with Redis frozen."""
+    result = {}
+    refused_url = f"redis://127.0.0.1:{free_port()}/0"
+    for name, url in (("refused", refused_url), ("frozen", f"redis://127.0.0.1:{port}/0")):
+        if name == "frozen":
+            if proc is None:
+                continue
+            proc.send_signal(signal.SIGSTOP)
+        os.environ["REDIS_URL"] = url  # the module's own client, with its short timeouts
+        times = []
+        t0 = time.perf_counter()
+        for i in range(calls):
+            t = time.perf_counter()
+            cache.get_or_set([{"role": "user", "content": f"{name} {i}"}], "m", lambda: "answer")
+            times.append(time.perf_counter() - t)
+        total = time.perf_counter() - t0
+        if name == "frozen":
+            proc.send_signal(signal.SIGCONT)
+        result[name] = {"calls": calls, "first_call_ms": times[0] * 1000, "total_s": total,
+                        "median_call_us": statistics.median(times) * 1e6}
+    os.environ.pop("REDIS_URL", None)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    given = os.environ.pop("REDIS_URL", None)
+    proc = None
+    if given:
+        url, port = given, None
+    else:
+        if not shutil.which("redis-server"):
+            raise SystemExit("bench.py needs redis-server on PATH, or REDIS_URL")
+        proc, port = start_server()
+        url = f"redis://127.0.0.1:{port}/0"
+    cache.PREFIX = f"bench:{random.random()}:"
+    import logging
+    logging.getLogger("cache").setLevel(logging.ERROR)  # the fail-open runs warn by design
+    try:
+        figures = {"redis": redis.Redis.from_url(url).info("server")["redis_version"],
+                   "hit": hit_vs_floor(url, rounds=5 if args.quick else 9, n=300 if args.quick else 3000),
+                   "miss": miss_overhead(url, n=100 if args.quick else 1000),
+                   "crowds": [crowd(url, n) for n in ((4,) if args.quick else (16, 64))],
+                   "fail_open": fail_open(port, proc, calls=100) if port else {}}
+    finally:
+        if proc:
+            proc.kill()
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return
+    h, m = figures["hit"], figures["miss"]
+    print(f"redis-server {figures['redis']}, loopback, redis-py {redis.__version__}, 1 KB chat completion")
+    print(f"{'floor (GET + json.loads)':34} {h['floor_us']:8.1f} us")
+    print(f"{'hit (get_or_set)':34} {h['hit_us']:8.1f} us   ratio {h['ratio']:.2f}x  "
+          f"(median of {h['rounds']} alternating rounds; {h['round_trips_per_hit']:.0f} round trip per hit)")
+    print(f"{'miss overhead (minus call_fn)':34} {m['overhead_us']:8.1f} us   {m['round_trips']:.0f} round trips")
+    for c in figures["crowds"]:
+        print(f"{c['processes']:3d} processes, one request, 1 s call: {c['calls']} call_fn call(s); waiter lag "
+              f"median {c['lag_median_ms']:.1f} ms, max {c['lag_max_ms']:.1f} ms; commands per waiter per s "
+              f"median {c['commands_per_waiter_per_s']:.1f}, max {c['commands_per_waiter_per_s_max']:.1f}")
+    for name, f in figures["fail_open"].items():
+        print(f"Redis {name:7}: {f['calls']} calls in {f['total_s'] * 1000:.0f} ms; first call "
+              f"{f['first_call_ms']:.1f} ms, median call {f['median_call_us']:.0f} us")
+
+
+if __name__ == "__main__":
+    main()
