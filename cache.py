@@ -136,7 +136,7 @@ def _lookup(r: Any, keys: list[str], token: str) -> Any:
     """The cached value; else _MISS once the caller should call the model (holding the lock if it could)."""
     deadline = time.monotonic() + 2 * LOCK_TTL  # a dead holder's whole lock, then its successor's whole call
     while True:
-        reply = _READ(keys, [token, LOCK_TTL * 1000, HOT_THRESHOLD, HOT_WINDOW, HOT_TTL], client=r)
+        reply = _READ(keys, [token, int(LOCK_TTL * 1000), HOT_THRESHOLD, HOT_WINDOW, HOT_TTL], client=r)
         if isinstance(reply, list):
             try:
                 return json.loads(reply[0])
@@ -146,8 +146,9 @@ def _lookup(r: Any, keys: list[str], token: str) -> Any:
         left = deadline - time.monotonic()
         if reply == 0 or left <= 0:
             return _MISS
-        # Sleep until the holder stores its answer or its lock expires, waking before the socket times out.
-        block = min(reply, left * 1000, (r.get_connection_kwargs().get("socket_timeout") or math.inf) * 500)
+        # Sleep until the holder stores its answer or its lock expires, waking before the socket times out
+        # (an unset timeout is redis-py's default, 5 s in redis-py 8, so wake every 0.5 s then).
+        block = min(reply, left * 1000, (r.get_connection_kwargs().get("socket_timeout") or 1) * 500)
         r.xread({keys[3]: "0-0"}, count=1, block=max(1, int(block)))
 
 
@@ -183,21 +184,20 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
             try:
                 data = json.dumps(result, separators=(",", ":"), allow_nan=False)
             except (TypeError, ValueError) as e:
-                raise TypeError(f"call_fn must return JSON data or a pydantic model, got {type(result).__name__}: "
-                                f"{e}") from None
+                raise TypeError(f"call_fn returned a {type(result).__name__}, not JSON or pydantic: {e}") from None
             result = json.loads(data)  # exactly what a later hit returns
     finally:  # also when call_fn raised: release the lock at once, so the next caller need not wait
         if not down:
             try:
                 _FINISH(keys, [token, data or "", _tokens(messages, model, result) if data else 0,
-                               math.ceil(ttl * 1000), LOCK_TTL * 1000], client=r)
+                               math.ceil(ttl * 1000), int(LOCK_TTL * 1000)], client=r)
             except _ERRORS as e:
                 _failed(r, e)
     return result
 
 
 def stats(client: redis.Redis | redis.RedisCluster | None = None) -> dict[str, float]:
-    """Hits, misses, hit_rate and tokens_saved under the current PREFIX, summed over its 256 shards."""
+    """Hits, misses, hit_rate and tokens_saved under the current PREFIX. Redis errors are raised here."""
     r = client if client is not None else _from_url(os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
     pipe = r.pipeline(transaction=False)
     for tag in range(256):

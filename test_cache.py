@@ -375,6 +375,25 @@ def test_unreachable_redis_is_answered_by_the_model_with_a_warning(caplog):
     assert len([r for r in caplog.records if "Redis failed" in r.message]) == 1  # once per outage
 
 
+def test_stats_raise_when_redis_is_down():
+    with pytest.raises(redis.ConnectionError):
+        cache.stats(client=redis.Redis(port=_free_port()))
+
+
+def test_a_fractional_lock_ttl_works(client, monkeypatch):
+    monkeypatch.setattr(cache, "LOCK_TTL", 1.5)
+    lock = cache._keys(MSGS, "m", None)[2]
+    seen = []
+
+    def call_fn():
+        seen.append(client.pttl(lock))
+        return ANSWER
+
+    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
+    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
+    assert len(seen) == 1 and 1000 < seen[0] <= 1500
+
+
 def test_import_never_connects_and_needs_no_environment():
     probe = ("import socket\n"
              "def refuse(*a, **k): raise AssertionError('connected at import')\n"
@@ -515,7 +534,7 @@ def test_waiters_wake_when_the_answer_is_stored_not_when_they_poll(server):
         time.sleep(0.01)
     waiter_results = []
     waiter = threading.Thread(target=lambda: waiter_results.append(
-        cache.get_or_set(MSGS, "m", counting("wrong"), client=server.client())))
+        cache.get_or_set(MSGS, "m", counting("wrong"), client=server.client(socket_timeout=10))))  # 5 s slices
     waiter.start()
     time.sleep(0.5)  # let the waiter block
     commands = _tcp_commands(server.url, lambda: (release.set(), holder.join(), waiter.join()))
@@ -559,9 +578,9 @@ def test_a_killed_holder_costs_one_more_call_and_no_hang(server, monkeypatch):
     assert r.exists(cache._keys(MSGS, "m", None)[2]) == 0  # no lock left behind
 
 
-def test_a_holder_that_outlived_its_lock_cannot_release_its_successors(server, monkeypatch):
+def test_a_holder_that_outlived_its_lock_cannot_release_its_successors(client, monkeypatch):
     monkeypatch.setattr(cache, "LOCK_TTL", 1)
-    r = server.client()
+    r = client
     lock = cache._keys(MSGS, "m", None)[2]
     first_may_fail, second_may_finish = threading.Event(), threading.Event()
     calls = []
@@ -580,7 +599,7 @@ def test_a_holder_that_outlived_its_lock_cannot_release_its_successors(server, m
 
     def run(name, fn):
         try:
-            outcome[name] = cache.get_or_set(MSGS, "m", fn, client=server.client())
+            outcome[name] = cache.get_or_set(MSGS, "m", fn, client=client)
         except Exception as e:
             outcome[name] = e
 
@@ -609,8 +628,8 @@ def test_a_holder_that_outlived_its_lock_cannot_release_its_successors(server, m
     assert calls == ["first", "second"]
 
 
-def test_an_evicted_lock_costs_at_most_a_duplicate_call(server):
-    r = server.client()
+def test_an_evicted_lock_costs_at_most_a_duplicate_call(client):
+    r = client
     release = threading.Event()
     calls = []
 
@@ -619,7 +638,7 @@ def test_an_evicted_lock_costs_at_most_a_duplicate_call(server):
         release.wait(timeout=30)
         return ANSWER
 
-    threads = [threading.Thread(target=cache.get_or_set, args=(MSGS, "m", slow), kwargs={"client": server.client()})
+    threads = [threading.Thread(target=cache.get_or_set, args=(MSGS, "m", slow), kwargs={"client": client})
                for _ in range(3)]
     threads[0].start()
     while not calls:
