@@ -23,7 +23,7 @@ DEFAULT_ENCODING = "cl100k_base"  # tiktoken's encoding for models it does not k
 
 log = logging.getLogger(__name__)
 _MISS = object()  # a cached None, "" or [] is a hit
-_ERRORS = (redis.RedisError, redis.RedisClusterException)
+_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 _down_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to try it again
 
 
@@ -75,6 +75,10 @@ def _encoding(model: str) -> Any:
     except Exception as e:  # offline with no cached encoding, say
         log.warning("llm cache: no tiktoken encoding for %r, its entries count 0 tokens: %r", model, e)
         return None
+
+
+def _redis(client: Any) -> Any:
+    return client if client is not None else _from_url(os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,13 +140,13 @@ def _lookup(r: Any, keys: list[str], token: str) -> Any:
     """The cached value; else _MISS once the caller should call the model (holding the lock if it could)."""
     deadline = time.monotonic() + 2 * LOCK_TTL  # a dead holder's whole lock, then its successor's whole call
     while True:
-        reply = _READ(keys, [token, int(LOCK_TTL * 1000), HOT_THRESHOLD, HOT_WINDOW, HOT_TTL], client=r)
-        if isinstance(reply, list):
-            try:
+        try:
+            reply = _READ(keys, [token, int(LOCK_TTL * 1000), HOT_THRESHOLD, HOT_WINDOW, HOT_TTL], client=r)
+            if isinstance(reply, list):
                 return json.loads(reply[0])
-            except ValueError:
-                r.delete(keys[0])  # corrupt: a miss, overwritten by this caller's answer
-                continue
+        except ValueError:  # not JSON, or not UTF-8 for a decoding client: a miss, overwritten by this caller
+            r.delete(keys[0])
+            continue
         left = deadline - time.monotonic()
         if reply == 0 or left <= 0:
             return _MISS
@@ -163,7 +167,7 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
         raise TypeError(f"ttl must be a positive number of seconds, got {type(ttl).__name__}")
     if not 0 < ttl < math.inf:
         raise ValueError(f"ttl must be a positive number of seconds, got {ttl}")
-    r = client if client is not None else _from_url(os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
+    r = _redis(client)
     token, down = secrets.token_hex(8), _down_until.get(r, 0) > time.monotonic()
     if not down:  # else Redis failed moments ago: don't wait on it again yet
         try:
@@ -198,8 +202,7 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
 
 def stats(client: redis.Redis | redis.RedisCluster | None = None) -> dict[str, float]:
     """Hits, misses, hit_rate and tokens_saved under the current PREFIX. Redis errors are raised here."""
-    r = client if client is not None else _from_url(os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
-    pipe = r.pipeline(transaction=False)
+    pipe = _redis(client).pipeline(transaction=False)
     for tag in range(256):
         pipe.hgetall(f"{PREFIX}{{{tag:02x}}}stats")
     totals = {"hits": 0, "misses": 0, "tokens_saved": 0}

@@ -1,7 +1,8 @@
 """Tests for cache.py, on fakeredis and on real redis-server processes that the tests start and stop."""
 from __future__ import annotations
 
-import json, logging, math, multiprocessing, os, pathlib, random, shutil, signal, socket, subprocess, threading, time, uuid
+import json, logging, math, multiprocessing, os, pathlib, random, shutil, signal, socket, subprocess, sys, threading
+import time, uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import fakeredis
@@ -299,7 +300,7 @@ def test_bumping_prefix_orphans_every_entry_without_a_flush(client, monkeypatch)
 
 def test_prefix_default_comes_from_the_environment():
     env = {**os.environ, "LLM_CACHE_PREFIX": "app:v7:"}
-    out = subprocess.run(["python", "-c", "import cache; print(cache.PREFIX)"], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", "import cache; print(cache.PREFIX)"], env=env, capture_output=True, text=True,
                          cwd=pathlib.Path(__file__).parent, check=True)
     assert out.stdout.strip() == "app:v7:"
 
@@ -326,6 +327,7 @@ def test_call_fn_exception_propagates_and_releases_the_lock_at_once(client):
     lambda c, k: c.set(k, "not json at all"),
     lambda c, k: c.hset(k, mapping={"v": "{broken", "t": "3"}),
     lambda c, k: c.rpush(k, "a list"),
+    lambda c, k: c.hset(k, mapping={"v": b"\xff\xfe not UTF-8", "t": "3"}),
 ])
 def test_a_corrupt_entry_is_a_miss_and_is_overwritten(client, corrupt):
     entry = cache._keys(MSGS, "m", None)[0]
@@ -400,7 +402,7 @@ def test_import_never_connects_and_needs_no_environment():
              "socket.socket.connect = socket.create_connection = refuse\n"
              "import cache; print('ok')\n")
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "LLM_CACHE_PREFIX")}
-    out = subprocess.run(["python", "-c", probe], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                          cwd=pathlib.Path(__file__).parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
@@ -784,9 +786,25 @@ def test_password_and_acl_user_urls_work_and_a_wrong_password_fails_open(tmp_pat
         s.kill()
 
 
-def test_no_pickle_anywhere():
-    source = (pathlib.Path(__file__).parent / "cache.py").read_text()
-    assert "pickle" not in source and "eval(" not in source.replace("evalsha", "")
+class Exploit:
+    """Unpickling this creates a file: the classic poisoned-cache payload."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_poisoned_pickle_entry_is_never_executed(client, tmp_path):
+    import pickle
+
+    planted = tmp_path / "pwned"
+    client.hset(cache._keys(MSGS, "m", None)[0], mapping={"v": pickle.dumps(Exploit(str(planted))), "t": "0"})
+    call_fn = counting()
+    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER  # a corrupt entry: a miss, overwritten
+    assert call_fn.calls == 1
+    assert not planted.exists()
 
 
 # ---------------------------------------------------------------- Redis Cluster
