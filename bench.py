@@ -88,7 +88,8 @@ def miss_overhead(url: str, n: int) -> dict:
     sent, total = r.sent, 0.0
     for i in range(n):
         t = time.perf_counter()
-        cache.get_or_set([{"role": "user", "content": f"miss {i} {random.random()}"}], "m", lambda: COMPLETION, client=r)
+        question = [{"role": "user", "content": f"miss {i} {random.random()}"}]
+        cache.get_or_set(question, "m", lambda: COMPLETION, client=r)
         total += time.perf_counter() - t
     bare = time.perf_counter()
     for _ in range(n):
@@ -105,6 +106,7 @@ def _crowd_member(url, delay, leader_call, start, out):
         r2 = redis.Redis.from_url(url)
         r2.incr(cache.PREFIX + "calls")
         time.sleep(leader_call)
+        r2.set(cache.PREFIX + "answered", time.monotonic())  # just before get_or_set stores the answer
         return COMPLETION
 
     start.wait()
@@ -115,7 +117,9 @@ def _crowd_member(url, delay, leader_call, start, out):
 
 
 def crowd(url: str, processes: int, leader_call: float = 1.0) -> dict:
-    """One process leads (its call takes leader_call s); the rest arrive at random moments while it runs."""
+    """One process leads (its call takes leader_call s); the rest arrive at random moments while it runs.
+
+    A waiter's lag runs from the moment the leader's call returned, just before the store, to its own return."""
     cache.PREFIX = f"bench:crowd:{processes}:{random.random()}:"
     start, out = FORK.Event(), FORK.Queue()
     delays = [0.0] + [random.uniform(0.05, leader_call * 0.8) for _ in range(processes - 1)]
@@ -129,12 +133,54 @@ def crowd(url: str, processes: int, leader_call: float = 1.0) -> dict:
         p.join()
     leader = min(rows, key=lambda row: row["delay"])
     waiters = [row for row in rows if row is not leader]
-    lags = [(row["ended"] - leader["ended"]) * 1000 for row in waiters]
+    answered = float(redis.Redis.from_url(url).get(cache.PREFIX + "answered"))  # the clock is system-wide
+    lags = [(row["ended"] - answered) * 1000 for row in waiters]
     rates = [row["sent"] / (row["ended"] - row["began"]) for row in waiters]
     calls = int(redis.Redis.from_url(url).get(cache.PREFIX + "calls"))
     return {"processes": processes, "calls": calls, "lag_median_ms": statistics.median(lags),
             "lag_max_ms": max(lags), "commands_per_waiter_per_s": statistics.median(rates),
             "commands_per_waiter_per_s_max": max(rates)}
+
+
+def _holder(url, start):
+    r = redis.Redis.from_url(url)
+
+    def call_fn():
+        r.set(cache.PREFIX + "holding", time.monotonic())
+        time.sleep(3600)
+
+    start.wait()
+    cache.get_or_set(MSGS, "killed", call_fn, client=r)
+
+
+def _late_waiter(url, call, start, out):
+    r = redis.Redis.from_url(url)
+    start.wait()
+    cache.get_or_set(MSGS, "killed", lambda: (time.sleep(call), COMPLETION)[1], client=r)
+    out.put(time.monotonic())
+
+
+def killed_holder(url: str, lock_ttl: float = 2.0, call: float = 0.2, waiters: int = 8) -> dict:
+    """The lock holder is SIGKILLed inside its call: when do the waiters get their answer?"""
+    cache.PREFIX, cache.LOCK_TTL = f"bench:killed:{random.random()}:", lock_ttl
+    r = redis.Redis.from_url(url)
+    start, out = FORK.Event(), FORK.Queue()
+    holder = FORK.Process(target=_holder, args=(url, start))
+    holder.start()
+    procs = [FORK.Process(target=_late_waiter, args=(url, call, start, out)) for _ in range(waiters)]
+    start.set()
+    while r.get(cache.PREFIX + "holding") is None:
+        time.sleep(0.001)
+    for p in procs:
+        p.start()
+    holder.kill()
+    killed = time.monotonic()
+    answered = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join()
+    cache.LOCK_TTL = 60
+    return {"lock_ttl_s": lock_ttl, "call_s": call, "waiters": waiters,
+            "last_answer_after_kill_s": max(answered) - killed, "bound_s": lock_ttl + call + 0.5}
 
 
 def fail_open(port: int, proc: subprocess.Popen | None, calls: int) -> dict:
@@ -184,6 +230,7 @@ def main() -> None:
                    "hit": hit_vs_floor(url, rounds=5 if args.quick else 9, n=300 if args.quick else 3000),
                    "miss": miss_overhead(url, n=100 if args.quick else 1000),
                    "crowds": [crowd(url, n) for n in ((4,) if args.quick else (16, 64))],
+                   "killed_holder": killed_holder(url),
                    "fail_open": fail_open(port, proc, calls=100) if port else {}}
     finally:
         if proc:
@@ -201,6 +248,9 @@ def main() -> None:
         print(f"{c['processes']:3d} processes, one request, 1 s call: {c['calls']} call_fn call(s); waiter lag "
               f"median {c['lag_median_ms']:.1f} ms, max {c['lag_max_ms']:.1f} ms; commands per waiter per s "
               f"median {c['commands_per_waiter_per_s']:.1f}, max {c['commands_per_waiter_per_s_max']:.1f}")
+    k = figures["killed_holder"]
+    print(f"holder SIGKILLed in its call (LOCK_TTL {k['lock_ttl_s']:.0f} s, call {k['call_s']} s): {k['waiters']} "
+          f"waiters answered {k['last_answer_after_kill_s']:.2f} s after the kill (bound {k['bound_s']:.1f} s)")
     for name, f in figures["fail_open"].items():
         print(f"Redis {name:7}: {f['calls']} calls in {f['total_s'] * 1000:.0f} ms; first call "
               f"{f['first_call_ms']:.1f} ms, median call {f['median_call_us']:.0f} us")
