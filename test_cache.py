@@ -766,14 +766,17 @@ def test_replies_delayed_past_the_timeout_never_give_a_wrong_answer(server, monk
 def test_password_and_acl_user_urls_work_and_a_wrong_password_fails_open(tmp_path, monkeypatch, caplog):
     s = Server(tmp_path, "--requirepass", "s3cret")
     try:
-        s.client(password="s3cret").acl_setuser("app", enabled=True, passwords=["+app-pass"], keys=["*"],
-                                                commands=["+@all"])
-        for url in (f"redis://:s3cret@127.0.0.1:{s.port}/0", f"redis://app:app-pass@127.0.0.1:{s.port}/0"):
-            monkeypatch.setenv("REDIS_URL", url)
+        # the least-privilege user the README recommends, limited to this test's prefix
+        s.client(password="s3cret").acl_setuser("app", enabled=True, passwords=["+app-pass"], keys=[f"{cache.PREFIX}*"],
+                                                categories=["+@read", "+@write", "+@scripting", "+@stream",
+                                                            "+@connection", "-@dangerous"])
+        for url in (f"redis://app:app-pass@127.0.0.1:{s.port}/0", f"redis://:s3cret@127.0.0.1:{s.port}/0"):
+            monkeypatch.setenv("REDIS_URL", url)  # the ACL user first, so it loads the scripts itself
             call_fn = counting()
             cache.get_or_set(MSGS, url, call_fn)
             cache.get_or_set(MSGS, url, call_fn)
             assert call_fn.calls == 1
+            assert cache.stats()["hits"] >= 1
         monkeypatch.setenv("REDIS_URL", f"redis://app:wrong@127.0.0.1:{s.port}/0")
         call_fn = counting()
         with caplog.at_level(logging.WARNING, logger="cache"):
