@@ -69,6 +69,7 @@ class Server:
                         return
             except OSError:
                 time.sleep(0.025)
+        self.kill()
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def kill(self) -> None:
@@ -816,8 +817,10 @@ def test_a_poisoned_pickle_entry_is_never_executed(client, tmp_path):
 def cluster(tmp_path_factory):
     if not shutil.which("redis-cli"):
         _need("no redis-cli on PATH to create a cluster")
-    nodes = [Server(tmp_path_factory.mktemp("node"), "--cluster-enabled", "yes") for _ in range(3)]
+    nodes = []
     try:
+        for _ in range(3):
+            nodes.append(Server(tmp_path_factory.mktemp("node"), "--cluster-enabled", "yes"))
         subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
         for _ in range(200):
