@@ -235,6 +235,7 @@ def main() -> None:
     finally:
         if proc:
             proc.kill()
+            proc.wait()
     if args.json:
         print(json.dumps(figures, indent=2))
         return
