@@ -162,6 +162,7 @@ def _late_waiter(url, call, start, out):
 
 def killed_holder(url: str, lock_ttl: float = 2.0, call: float = 0.2, waiters: int = 8) -> dict:
     """The lock holder is SIGKILLed inside its call: when do the waiters get their answer?"""
+    previous_lock_ttl = cache.LOCK_TTL
     cache.PREFIX, cache.LOCK_TTL = f"bench:killed:{random.random()}:", lock_ttl
     r = redis.Redis.from_url(url)
     start, out = FORK.Event(), FORK.Queue()
@@ -178,7 +179,7 @@ def killed_holder(url: str, lock_ttl: float = 2.0, call: float = 0.2, waiters: i
     answered = [out.get(timeout=60) for _ in procs]
     for p in procs:
         p.join()
-    cache.LOCK_TTL = 60
+    cache.LOCK_TTL = previous_lock_ttl
     return {"lock_ttl_s": lock_ttl, "call_s": call, "waiters": waiters,
             "last_answer_after_kill_s": max(answered) - killed, "bound_s": lock_ttl + call + 0.5}
 

@@ -301,8 +301,8 @@ def test_bumping_prefix_orphans_every_entry_without_a_flush(client, monkeypatch)
 
 def test_prefix_default_comes_from_the_environment():
     env = {**os.environ, "LLM_CACHE_PREFIX": "app:v7:"}
-    out = subprocess.run([sys.executable, "-c", "import cache; print(cache.PREFIX)"], env=env, capture_output=True, text=True,
-                         cwd=pathlib.Path(__file__).parent, check=True)
+    out = subprocess.run([sys.executable, "-c", "import cache; print(cache.PREFIX)"], env=env, capture_output=True,
+                         text=True, cwd=pathlib.Path(__file__).parent, check=True)
     assert out.stdout.strip() == "app:v7:"
 
 
