@@ -6,7 +6,8 @@
 """
 from __future__ import annotations
 
-import argparse, json, multiprocessing, os, random, shutil, signal, socket, statistics, subprocess, tempfile, time
+import argparse, hashlib, json, multiprocessing, os, random, shutil, signal, socket, statistics, subprocess, tempfile
+import time
 
 import redis
 
@@ -60,25 +61,47 @@ def start_server() -> tuple[subprocess.Popen, int]:
     raise RuntimeError("redis-server did not start")
 
 
+def server_us(r: redis.Redis) -> dict:
+    """Server-side µs and calls so far, per command, from INFO commandstats (not reset: REDIS_URL may be shared)."""
+    return {name[len("cmdstat_"):]: (row["usec"], row["calls"]) for name, row in r.info("commandstats").items()}
+
+
+def sha256_key(messages: list, model: str) -> str:
+    """The least a cache keyed by the SHA-256 of the canonical request must do before its GET."""
+    return "bench:" + hashlib.sha256(json.dumps([model, messages], sort_keys=True).encode()).hexdigest()
+
+
 def hit_vs_floor(url: str, rounds: int, n: int) -> dict:
     r = Counting.from_url(url)
     cache.get_or_set(MSGS, "gpt-4.1-mini", lambda: COMPLETION, client=r)
     r.set("bench:floor", json.dumps(COMPLETION, separators=(",", ":")))
     assert len(r.get("bench:floor")) >= 1000
-    floors, hits = [], []
-    for _ in range(rounds):  # alternate, so both see the same machine noise
+    r.set(sha256_key(MSGS, "gpt-4.1-mini"), r.get("bench:floor"))
+    floors, keyed, hits = [], [], []
+    for _ in range(rounds):  # alternate, so all three see the same machine noise
         t = time.perf_counter()
         for _ in range(n):
             json.loads(r.get("bench:floor"))
         floors.append((time.perf_counter() - t) / n * 1e6)
+        t = time.perf_counter()
+        for _ in range(n):
+            json.loads(r.get(sha256_key(MSGS, "gpt-4.1-mini")))
+        keyed.append((time.perf_counter() - t) / n * 1e6)
+        before = server_us(r)
         sent, t = r.sent, time.perf_counter()
         for _ in range(n):
             cache.get_or_set(MSGS, "gpt-4.1-mini", lambda: COMPLETION, client=r)
         hits.append((time.perf_counter() - t) / n * 1e6)
         hit_trips = (r.sent - sent) / n
-    ratios = [h / f for h, f in zip(hits, floors)]
-    return {"floor_us": statistics.median(floors), "hit_us": statistics.median(hits),
-            "ratio": statistics.median(ratios), "round_trips_per_hit": hit_trips, "rounds": rounds}
+        after = server_us(r)
+    r.delete("bench:floor", sha256_key(MSGS, "gpt-4.1-mini"))
+    (get_us, get_calls), (evalsha_us, _) = after["get"], after["evalsha"]
+    return {"floor_us": statistics.median(floors), "keyed_floor_us": statistics.median(keyed),
+            "hit_us": statistics.median(hits), "ratio": statistics.median(h / f for h, f in zip(hits, floors)),
+            "keyed_ratio": statistics.median(k / f for k, f in zip(keyed, floors)),
+            "round_trips_per_hit": hit_trips, "rounds": rounds,
+            "server_us_per_get": get_us / get_calls,  # the floor's GETs, over the whole run
+            "server_us_per_hit": (evalsha_us - before["evalsha"][0]) / n}  # the hits of the last round
 
 
 def miss_overhead(url: str, n: int) -> dict:
@@ -98,7 +121,7 @@ def miss_overhead(url: str, n: int) -> dict:
     return {"round_trips": (r.sent - sent) / n, "overhead_us": (total - bare) / n * 1e6}
 
 
-def _crowd_member(url, delay, leader_call, start, out):
+def _crowd_member(url, delay, leader_call, start, done, out):
     r = Counting.from_url(url)
     r.ping()
 
@@ -113,17 +136,20 @@ def _crowd_member(url, delay, leader_call, start, out):
     time.sleep(delay)
     began, sent = time.monotonic(), r.sent
     cache.get_or_set(MSGS, "crowd", call_fn, client=r)
-    out.put({"began": began, "ended": time.monotonic(), "sent": r.sent - sent, "delay": delay})
+    row = {"began": began, "ended": time.monotonic(), "ended_wall": time.time(), "sent": r.sent - sent, "delay": delay}
+    done.wait()  # report once every member has its answer, so that reporting slows no one down
+    out.put(row)
 
 
 def crowd(url: str, processes: int, leader_call: float = 1.0) -> dict:
     """One process leads (its call takes leader_call s); the rest arrive at random moments while it runs.
 
-    A waiter's lag runs from the moment the leader's call returned, just before the store, to its own return."""
+    A waiter's lag runs from the store (the time in the ID of the stream entry that wakes the waiters) to its
+    own return; lag_from_call is from the moment the leader's call returned, before it began storing."""
     cache.PREFIX = f"bench:crowd:{processes}:{random.random()}:"
-    start, out = FORK.Event(), FORK.Queue()
+    start, done, out = FORK.Event(), FORK.Barrier(processes), FORK.Queue()
     delays = [0.0] + [random.uniform(0.05, leader_call * 0.8) for _ in range(processes - 1)]
-    procs = [FORK.Process(target=_crowd_member, args=(url, d, leader_call, start, out)) for d in delays]
+    procs = [FORK.Process(target=_crowd_member, args=(url, d, leader_call, start, done, out)) for d in delays]
     for p in procs:
         p.start()
     time.sleep(0.5)  # let every process connect first
@@ -133,13 +159,16 @@ def crowd(url: str, processes: int, leader_call: float = 1.0) -> dict:
         p.join()
     leader = min(rows, key=lambda row: row["delay"])
     waiters = [row for row in rows if row is not leader]
-    answered = float(redis.Redis.from_url(url).get(cache.PREFIX + "answered"))  # the clock is system-wide
-    lags = [(row["ended"] - answered) * 1000 for row in waiters]
+    r = redis.Redis.from_url(url)
+    answered = float(r.get(cache.PREFIX + "answered"))  # monotonic, and the clock is system-wide
+    stored_ms = int(r.xrevrange(cache._keys(MSGS, "crowd", None)[2], count=1)[0][0].split(b"-")[0])
+    lags = [row["ended_wall"] * 1000 - stored_ms for row in waiters]  # the ID's whole ms: up to 1 ms too long
+    lags_from_call = [(row["ended"] - answered) * 1000 for row in waiters]
     rates = [row["sent"] / (row["ended"] - row["began"]) for row in waiters]
-    calls = int(redis.Redis.from_url(url).get(cache.PREFIX + "calls"))
-    return {"processes": processes, "calls": calls, "lag_median_ms": statistics.median(lags),
-            "lag_max_ms": max(lags), "commands_per_waiter_per_s": statistics.median(rates),
-            "commands_per_waiter_per_s_max": max(rates)}
+    return {"processes": processes, "calls": int(r.get(cache.PREFIX + "calls")),
+            "lag_median_ms": statistics.median(lags), "lag_max_ms": max(lags),
+            "lag_from_call_median_ms": statistics.median(lags_from_call), "lag_from_call_max_ms": max(lags_from_call),
+            "commands_per_waiter_per_s": statistics.median(rates), "commands_per_waiter_per_s_max": max(rates)}
 
 
 def _holder(url, start):
@@ -243,13 +272,18 @@ def main() -> None:
     h, m = figures["hit"], figures["miss"]
     print(f"redis-server {figures['redis']}, loopback, redis-py {redis.__version__}, 1 KB chat completion")
     print(f"{'floor (GET + json.loads)':34} {h['floor_us']:8.1f} us")
+    print(f"{'floor + hashing the request':34} {h['keyed_floor_us']:8.1f} us   ratio {h['keyed_ratio']:.2f}x  "
+          f"(GET by the request's SHA-256: the least a cache can do)")
     print(f"{'hit (get_or_set)':34} {h['hit_us']:8.1f} us   ratio {h['ratio']:.2f}x  "
           f"(median of {h['rounds']} alternating rounds; {h['round_trips_per_hit']:.0f} round trip per hit)")
+    print(f"{'  of which in redis-server':34} {h['server_us_per_hit']:8.1f} us   "
+          f"(a GET: {h['server_us_per_get']:.1f} us)")
     print(f"{'miss overhead (minus call_fn)':34} {m['overhead_us']:8.1f} us   {m['round_trips']:.0f} round trips")
     for c in figures["crowds"]:
-        print(f"{c['processes']:3d} processes, one request, 1 s call: {c['calls']} call_fn call(s); waiter lag "
-              f"median {c['lag_median_ms']:.1f} ms, max {c['lag_max_ms']:.1f} ms; commands per waiter per s "
-              f"median {c['commands_per_waiter_per_s']:.1f}, max {c['commands_per_waiter_per_s_max']:.1f}")
+        print(f"{c['processes']:3d} processes, one request, 1 s call: {c['calls']} call_fn call(s); waiters return "
+              f"after the store: median {c['lag_median_ms']:.1f} ms, max {c['lag_max_ms']:.1f} ms (after the call "
+              f"returned: {c['lag_from_call_median_ms']:.1f}, {c['lag_from_call_max_ms']:.1f}); commands per waiter "
+              f"per s median {c['commands_per_waiter_per_s']:.1f}, max {c['commands_per_waiter_per_s_max']:.1f}")
     k = figures["killed_holder"]
     print(f"holder SIGKILLed in its call (LOCK_TTL {k['lock_ttl_s']:.0f} s, call {k['call_s']} s): {k['waiters']} "
           f"waiters answered {k['last_answer_after_kill_s']:.2f} s after the kill (bound {k['bound_s']:.1f} s)")

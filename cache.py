@@ -14,8 +14,7 @@ from redis.commands.core import Script
 PREFIX = os.environ.get("LLM_CACHE_PREFIX", "llm:v1:")  # bump it ("llm:v2:") to orphan every entry, no flush
 DEFAULT_TTL = 24 * 3600  # seconds an entry lives unless it turns hot
 HOT_TTL = 6 * 3600  # a hot entry's TTL slides up to this on every hit; a longer one is kept
-HOT_THRESHOLD = 10  # hits within HOT_WINDOW that make an entry hot
-HOT_WINDOW = 3600  # seconds
+HOT_THRESHOLD = 10  # hits that make an entry hot
 LOCK_TTL = 60  # seconds; must outlive the slowest model call, or a second worker calls too
 RETRY_AFTER = 5  # seconds to leave a failed Redis alone: an outage costs one timeout, not one per call
 REDIS_TIMEOUT = 0.5  # seconds, for the client made from REDIS_URL: the most a frozen Redis costs a call
@@ -25,6 +24,7 @@ log = logging.getLogger(__name__)
 _MISS = object()  # a cached None, "" or [] is a hit
 _ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 _down_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to try it again
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode  # built once
 
 
 def _keys(messages: Any, model: Any, params: Any) -> list[str]:
@@ -37,12 +37,12 @@ def _keys(messages: Any, model: Any, params: Any) -> list[str]:
     if params is not None and not isinstance(params, dict):
         raise TypeError(f"params must be a dict or None, got {type(params).__name__}")
     try:
-        blob = json.dumps([model, messages, params or {}], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        blob = _canonical([model, messages, params or {}])
     except (TypeError, ValueError) as e:
         raise TypeError(f"messages and params must be JSON-serializable: {e}") from None
     digest = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
-    tag = f"{PREFIX}{{{digest[:2]}}}"  # entry, lock, counter, stream and stats shard share a Cluster slot
-    return [tag + digest, tag + digest + ":hits", tag + digest + ":lock", tag + digest + ":stored", tag + "stats"]
+    tag = f"{PREFIX}{{{digest[:2]}}}"  # entry, lock, stream and stats shard share a Cluster slot
+    return [tag + digest, tag + digest + ":lock", tag + digest + ":stored", tag + "stats"]
 
 
 def _tokens(messages: list, model: str, value: Any) -> int:
@@ -95,45 +95,52 @@ def _failed(r: Any, error: Exception) -> None:
     _down_until[r] = time.monotonic() + RETRY_AFTER
 
 
-# KEYS: 1 entry hash {v = JSON, t = tokens it cost}, 2 its hit counter, 3 its lock, 4 the stream its waiters
-# block on, 5 its stats shard.  ARGV: 1 lock token, 2 LOCK_TTL ms, 3 HOT_THRESHOLD, 4 HOT_WINDOW s, 5 HOT_TTL s.
-# Returns {value, tokens} on a hit (counted), 0 if the caller now holds the lock, else the lock's ms to live.
+# KEYS: 1 entry hash {v = JSON, t = tokens it cost, h = its hits}, 2 its lock, 3 the stream its waiters block on,
+# 4 its stats shard.  ARGV: 1 lock token, 2 LOCK_TTL ms, 3 HOT_THRESHOLD, 4 HOT_TTL s.
+# Returns the value on a hit (counted), 0 if the caller now holds the lock, else the lock's ms to live.
 _READ = Script(None, b"""
 local e = redis.pcall('HMGET', KEYS[1], 'v', 't')
 if e.err or not e[1] then  -- missing, or a key of another type that _FINISH overwrites
   -- the GET lets a client's retry of this very call keep the lock it took
-  if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[3]) == ARGV[1] then
-    redis.call('DEL', KEYS[4])
+  if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[2]) == ARGV[1] then
+    redis.call('DEL', KEYS[3])
     return 0
   end
-  return math.max(redis.call('PTTL', KEYS[3]), 1)
+  return math.max(redis.call('PTTL', KEYS[2]), 1)
 end
 -- pcall: a Redis out of memory (noeviction) refuses the bookkeeping, but still serves the hit
-local hits = tonumber(redis.pcall('INCR', KEYS[2])) or 0
-if hits == 1 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
-if hits >= tonumber(ARGV[3]) and redis.call('TTL', KEYS[1]) < tonumber(ARGV[5]) then
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
+local hits = tonumber(redis.pcall('HINCRBY', KEYS[1], 'h', 1)) or 0
+if hits >= tonumber(ARGV[3]) and redis.call('TTL', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
 end
-redis.pcall('HINCRBY', KEYS[5], 'hits', 1)
-redis.pcall('HINCRBY', KEYS[5], 'tokens_saved', e[2] or 0)
-return {e[1], e[2] or '0'}
+redis.pcall('HINCRBY', KEYS[4], 'hits', 1)
+redis.pcall('HINCRBY', KEYS[4], 'tokens_saved', e[2] or 0)
+return e[1]
 """)
 # KEYS as _READ.  ARGV: 1 lock token, 2 JSON value ('' stores nothing), 3 its tokens, 4 ttl ms, 5 LOCK_TTL ms.
 # Stores the value, releases the lock if the caller still owns it, and wakes the waiters if either happened.
 _FINISH = Script(None, b"""
 local wake = ARGV[2] ~= ''
 if wake then
-  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[1], 'v', ARGV[2], 't', ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  redis.call('HINCRBY', KEYS[5], 'misses', 1)
+  redis.call('HINCRBY', KEYS[4], 'misses', 1)
 end
-if redis.call('GET', KEYS[3]) == ARGV[1] then wake = redis.call('DEL', KEYS[3]) end
+if redis.call('GET', KEYS[2]) == ARGV[1] then wake = redis.call('DEL', KEYS[2]) end
 if wake then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '1', '*', 'stored', '1')
-  redis.call('PEXPIRE', KEYS[4], ARGV[5])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '1', '*', 'stored', '1')
+  redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
 """)
+
+
+def _run(script: Script, r: Any, keys: list[str], *args: Any) -> Any:
+    # EVALSHA straight from the client: through Script.__call__ a hit measured 6-10% slower
+    try:
+        return r.evalsha(script.sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:  # a new or flushed server: EVAL runs the script and caches it there
+        return r.eval(script.script, len(keys), *keys, *args)
 
 
 def _lookup(r: Any, keys: list[str], token: str) -> Any:
@@ -141,9 +148,9 @@ def _lookup(r: Any, keys: list[str], token: str) -> Any:
     deadline = time.monotonic() + 2 * LOCK_TTL  # a dead holder's whole lock, then its successor's whole call
     while True:
         try:
-            reply = _READ(keys, [token, int(LOCK_TTL * 1000), HOT_THRESHOLD, HOT_WINDOW, HOT_TTL], client=r)
-            if isinstance(reply, list):
-                return json.loads(reply[0])
+            reply = _run(_READ, r, keys, token, int(LOCK_TTL * 1000), HOT_THRESHOLD, HOT_TTL)
+            if not isinstance(reply, int):
+                return json.loads(reply)
         except ValueError:  # not JSON, or not UTF-8 for a decoding client: a miss, overwritten by this caller
             r.delete(keys[0])
             continue
@@ -153,7 +160,7 @@ def _lookup(r: Any, keys: list[str], token: str) -> Any:
         # Sleep until the holder stores its answer or its lock expires, waking before the socket times out
         # (an unset timeout is redis-py's default, 5 s in redis-py 8, so wake every 0.5 s then).
         block = min(reply, left * 1000, (r.get_connection_kwargs().get("socket_timeout") or 1) * 500)
-        r.xread({keys[3]: "0-0"}, count=1, block=max(1, int(block)))
+        r.xread({keys[2]: "0-0"}, count=1, block=max(1, int(block)))
 
 
 def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl: float | None = None, *,
@@ -193,8 +200,8 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
     finally:  # also when call_fn raised: release the lock at once, so the next caller need not wait
         if not down:
             try:
-                _FINISH(keys, [token, data or "", _tokens(messages, model, result) if data else 0,
-                               math.ceil(ttl * 1000), int(LOCK_TTL * 1000)], client=r)
+                _run(_FINISH, r, keys, token, data or "", _tokens(messages, model, result) if data else 0,
+                     math.ceil(ttl * 1000), int(LOCK_TTL * 1000))
             except _ERRORS as e:
                 _failed(r, e)
     return result

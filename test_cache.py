@@ -233,7 +233,7 @@ def test_non_json_result_raises_type_error_and_stores_nothing(client, bad):
         cache.get_or_set(MSGS, "m", lambda: bad, client=client)
     assert type(bad).__name__ in str(raised.value)
     keys = cache._keys(MSGS, "m", None)
-    assert client.exists(keys[0], keys[2]) == 0  # no entry, no lock left behind
+    assert client.exists(keys[0], keys[1]) == 0  # no entry, no lock left behind
     call_fn = counting()
     assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
     assert call_fn.calls == 1
@@ -251,19 +251,19 @@ def test_ttl_is_the_entry_lifetime(client):
 def test_hits_are_counted_and_hot_entries_slide_to_hot_ttl(client, monkeypatch):
     monkeypatch.setattr(cache, "HOT_THRESHOLD", 3)
     monkeypatch.setattr(cache, "HOT_TTL", 1000)
-    entry, hits = cache._keys(MSGS, "m", None)[:2]
+    entry = cache._keys(MSGS, "m", None)[0]
     cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
-    assert client.get(hits) is None  # a miss is not a hit
+    assert client.hget(entry, "h") is None  # a miss is not a hit
     for n in (1, 2):
         cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
-        assert int(client.get(hits)) == n
+        assert int(client.hget(entry, "h")) == n
         assert 90 < client.ttl(entry) <= 100  # below the threshold a hit leaves the TTL alone
-    assert cache.HOT_WINDOW - 10 < client.ttl(hits) <= cache.HOT_WINDOW
     cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
     assert 990 < client.ttl(entry) <= 1000  # the threshold-th hit makes it hot
     client.expire(entry, 500)  # time passes
     cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
     assert 990 < client.ttl(entry) <= 1000  # sliding: every hot hit extends it from now
+    assert int(client.hget(entry, "h")) == 4
 
 
 def test_hot_promotion_never_shortens_a_longer_ttl(client, monkeypatch):
@@ -274,15 +274,17 @@ def test_hot_promotion_never_shortens_a_longer_ttl(client, monkeypatch):
     assert 4990 < client.ttl(cache._keys(MSGS, "m", None)[0]) <= 5000
 
 
-def test_hit_window_restarts_the_count(client, monkeypatch):
+def test_a_new_answer_starts_its_hit_count_afresh(client, monkeypatch):
     monkeypatch.setattr(cache, "HOT_THRESHOLD", 3)
     monkeypatch.setattr(cache, "HOT_TTL", 1000)
-    entry, hits = cache._keys(MSGS, "m", None)[:2]
+    entry = cache._keys(MSGS, "m", None)[0]
     for _ in range(3):  # a miss, then two hits
         cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
-    client.delete(hits)  # the window ran out
+    client.hset(entry, "v", "{broken")  # corrupt: the next caller stores a new answer
     cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
-    assert int(client.get(hits)) == 1
+    assert client.hget(entry, "h") is None
+    cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    assert int(client.hget(entry, "h")) == 1
     assert 90 < client.ttl(entry) <= 100
 
 
@@ -318,7 +320,7 @@ def test_call_fn_exception_propagates_and_releases_the_lock_at_once(client):
         cache.get_or_set(MSGS, "m", failing, client=client)
     assert raised.value is boom
     keys = cache._keys(MSGS, "m", None)
-    assert client.exists(keys[0], keys[2]) == 0
+    assert client.exists(keys[0], keys[1]) == 0
     call_fn = counting()
     assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER  # the next caller does not wait LOCK_TTL
     assert call_fn.calls == 1
@@ -337,6 +339,18 @@ def test_a_corrupt_entry_is_a_miss_and_is_overwritten(client, corrupt):
     assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
     assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
     assert call_fn.calls == 1
+
+
+def test_a_flushed_script_cache_is_refilled_without_a_miss_or_warning(client, caplog):
+    call_fn = counting()
+    cache.get_or_set(MSGS, "m", call_fn, client=client)
+    client.script_flush()  # a restarted or failed-over server knows no scripts
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
+    assert client.script_exists(cache._READ.sha) == [True]
+    assert call_fn.calls == 1
+    assert caplog.records == []
+    assert cache.stats(client=client)["hits"] == 1
 
 
 class Untouchable:
@@ -385,7 +399,7 @@ def test_stats_raise_when_redis_is_down():
 
 def test_a_fractional_lock_ttl_works(client, monkeypatch):
     monkeypatch.setattr(cache, "LOCK_TTL", 1.5)
-    lock = cache._keys(MSGS, "m", None)[2]
+    lock = cache._keys(MSGS, "m", None)[1]
     seen = []
 
     def call_fn():
@@ -533,7 +547,7 @@ def test_waiters_wake_when_the_answer_is_stored_not_when_they_poll(server):
 
     holder = threading.Thread(target=cache.get_or_set, args=(MSGS, "m", slow), kwargs={"client": r})
     holder.start()
-    while not r.exists(cache._keys(MSGS, "m", None)[2]):
+    while not r.exists(cache._keys(MSGS, "m", None)[1]):
         time.sleep(0.01)
     waiter_results = []
     waiter = threading.Thread(target=lambda: waiter_results.append(
@@ -578,13 +592,13 @@ def test_a_killed_holder_costs_one_more_call_and_no_hang(server, monkeypatch):
     answers = [results.get(timeout=30) for _ in waiters]
     assert answers == [{"second": True}] * 8
     assert int(r.get(cache.PREFIX + "calls")) == 2
-    assert r.exists(cache._keys(MSGS, "m", None)[2]) == 0  # no lock left behind
+    assert r.exists(cache._keys(MSGS, "m", None)[1]) == 0  # no lock left behind
 
 
 def test_a_holder_that_outlived_its_lock_cannot_release_its_successors(client, monkeypatch):
     monkeypatch.setattr(cache, "LOCK_TTL", 1)
     r = client
-    lock = cache._keys(MSGS, "m", None)[2]
+    lock = cache._keys(MSGS, "m", None)[1]
     first_may_fail, second_may_finish = threading.Event(), threading.Event()
     calls = []
 
@@ -649,7 +663,7 @@ def test_an_evicted_lock_costs_at_most_a_duplicate_call(client):
     for t in threads[1:]:
         t.start()
     time.sleep(0.2)
-    r.delete(cache._keys(MSGS, "m", None)[2])  # what allkeys-lru does to a lock under memory pressure
+    r.delete(cache._keys(MSGS, "m", None)[1])  # what allkeys-lru does to a lock under memory pressure
     while len(calls) < 2:
         time.sleep(0.01)
     release.set()
@@ -1042,4 +1056,4 @@ def test_openai_sdk_stream_is_returned_untouched_and_never_cached(client, openai
         assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == "Paris."
     assert len(httpd.requests) == 2
     keys = cache._keys(MSGS, "gpt-4.1-mini", {"stream": True})
-    assert client.exists(keys[0], keys[2]) == 0
+    assert client.exists(keys[0], keys[1]) == 0
