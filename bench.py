@@ -66,9 +66,12 @@ def server_us(r: redis.Redis) -> dict:
     return {name[len("cmdstat_"):]: (row["usec"], row["calls"]) for name, row in r.info("commandstats").items()}
 
 
+SORTED = json.JSONEncoder(sort_keys=True).encode  # built once, as json.dumps(sort_keys=True) builds one a call
+
+
 def sha256_key(messages: list, model: str) -> str:
     """The least a cache keyed by the SHA-256 of the canonical request must do before its GET."""
-    return "bench:" + hashlib.sha256(json.dumps([model, messages], sort_keys=True).encode()).hexdigest()
+    return "bench:" + hashlib.sha256(SORTED([model, messages]).encode()).hexdigest()
 
 
 def hit_vs_floor(url: str, rounds: int, n: int) -> dict:
