@@ -103,7 +103,7 @@ def hit_vs_floor(url: str, rounds: int, n: int) -> dict:
             "hit_us": statistics.median(hits), "ratio": statistics.median(h / f for h, f in zip(hits, floors)),
             "keyed_ratio": statistics.median(k / f for k, f in zip(keyed, floors)),
             "round_trips_per_hit": hit_trips, "rounds": rounds,
-            "server_us_per_get": get_us / get_calls,  # the floor's GETs, over the whole run
+            "server_us_per_get": get_us / get_calls,  # both floors' GETs, over the whole run
             "server_us_per_hit": (evalsha_us - before["evalsha"][0]) / n}  # the hits of the last round
 
 
