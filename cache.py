@@ -27,6 +27,11 @@ _down_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode  # built once
 
 
+def _tag(hex2: str) -> str:
+    # the hash tag that puts an entry, its lock, its stream and its stats shard in one Cluster slot
+    return f"{PREFIX}{{{hex2}}}"
+
+
 def _keys(messages: Any, model: Any, params: Any) -> list[str]:
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise TypeError(f"messages must be a list of dicts, got {messages!r:.80}")
@@ -41,7 +46,7 @@ def _keys(messages: Any, model: Any, params: Any) -> list[str]:
     except (TypeError, ValueError) as e:
         raise TypeError(f"messages and params must be JSON-serializable: {e}") from None
     digest = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
-    tag = f"{PREFIX}{{{digest[:2]}}}"  # entry, lock, stream and stats shard share a Cluster slot
+    tag = _tag(digest[:2])
     return [tag + digest, tag + digest + ":lock", tag + digest + ":stored", tag + "stats"]
 
 
@@ -211,7 +216,7 @@ def stats(client: redis.Redis | redis.RedisCluster | None = None) -> dict[str, f
     """Hits, misses, hit_rate and tokens_saved under the current PREFIX. Redis errors are raised here."""
     pipe = _redis(client).pipeline(transaction=False)
     for tag in range(256):
-        pipe.hgetall(f"{PREFIX}{{{tag:02x}}}stats")
+        pipe.hgetall(_tag(f"{tag:02x}") + "stats")
     totals = {"hits": 0, "misses": 0, "tokens_saved": 0}
     for shard in pipe.execute():
         for field, n in shard.items():
