@@ -4,8 +4,9 @@
 """
 from __future__ import annotations
 
-import functools, hashlib, json, logging, math, os, secrets, time, weakref
+import functools, hashlib, json, logging, math, os, secrets, threading, time, weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import redis
@@ -15,7 +16,8 @@ PREFIX = os.environ.get("LLM_CACHE_PREFIX", "llm:v1:")  # bump it ("llm:v2:") to
 DEFAULT_TTL = 24 * 3600  # seconds an entry lives unless it turns hot
 HOT_TTL = 6 * 3600  # a hot entry's TTL slides up to this on every hit; a longer one is kept
 HOT_THRESHOLD = 10  # hits that make an entry hot
-LOCK_TTL = 60  # seconds; must outlive the slowest model call, or a second worker calls too
+LOCK_TTL = 10  # seconds a dead holder's lock blocks the others; a live holder renews it every LOCK_TTL / 3
+MAX_WAIT = 900  # seconds a waiter waits for a live holder before calling itself (the openai SDK times out at 600)
 RETRY_AFTER = 5  # seconds to leave a failed Redis alone: an outage costs one timeout, not one per call
 REDIS_TIMEOUT = 0.5  # seconds, for the client made from REDIS_URL: the most a frozen Redis costs a call
 DEFAULT_ENCODING = "cl100k_base"  # tiktoken's encoding for models it does not know
@@ -24,7 +26,19 @@ log = logging.getLogger(__name__)
 _MISS = object()  # a cached None, "" or [] is a hit
 _ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 _down_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to try it again
+_warned_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to warn of its errors again
+_flights: dict[tuple[int, str], Future] = {}  # (client, entry) -> the answer its leading thread will have
+_flights_lock = threading.Lock()
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode  # built once
+
+
+def _forget_flights() -> None:  # a forked child inherits the flights, but not the threads that would end them
+    global _flights_lock
+    _flights.clear()
+    _flights_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_flights)
 
 
 def _tag(hex2: str) -> str:
@@ -94,17 +108,37 @@ def _from_url(url: str) -> redis.Redis:
 
 
 def _failed(r: Any, error: Exception) -> None:
+    now = time.monotonic()
+    if isinstance(error, redis.ResponseError) or _exhausted(error):  # Redis is up (out of memory, say): not skipped
+        if _warned_until.get(r, 0) < now:  # one warning per RETRY_AFTER, not one per call
+            log.warning("llm cache: Redis refused (%s: %s); this call is not cached", type(error).__name__, error)
+            _warned_until[r] = now + RETRY_AFTER
+        return
     if r not in _down_until:  # once per outage, not once per call
         log.warning("llm cache: Redis failed (%s: %s); calling the model directly, retrying every %ss",
                     type(error).__name__, error, RETRY_AFTER)
-    _down_until[r] = time.monotonic() + RETRY_AFTER
+    _down_until[r] = now + RETRY_AFTER
+
+
+def _exhausted(error: Exception) -> bool:
+    # a bounded pool with no connection free: this process is busy, Redis is fine (redis-py 5.0 raises a plain
+    # ConnectionError, later ones MaxConnectionsError; BlockingConnectionPool's comes after its own timeout)
+    return isinstance(error, redis.ConnectionError) and str(error) in ("Too many connections", "No connection available.")
 
 
 # KEYS: 1 entry hash {v = JSON, t = tokens it cost, h = its hits}, 2 its lock, 3 the stream its waiters block on,
-# 4 its stats shard.  ARGV: 1 lock token, 2 LOCK_TTL ms, 3 HOT_THRESHOLD, 4 HOT_TTL s.
+# 4 its stats shard.  ARGV: 1 lock token, 2 LOCK_TTL ms, 3 HOT_THRESHOLD, 4 HOT_TTL s, 5 (only after a read that
+# found a corrupt value) that value.
 # Returns the value on a hit (counted), 0 if the caller now holds the lock, else the lock's ms to live.
 _READ = Script(None, b"""
 local e = redis.pcall('HMGET', KEYS[1], 'v', 't')
+if ARGV[5] then  -- the caller's last read was no hit
+  redis.pcall('HINCRBY', KEYS[4], 'hits', -1)
+  if not e.err and e[1] == ARGV[5] then  -- still that value: a miss (never a newer one)
+    redis.pcall('HINCRBY', KEYS[4], 'tokens_saved', -(tonumber(e[2]) or 0))
+    e = {}
+  end
+end
 if e.err or not e[1] then  -- missing, or a key of another type that _FINISH overwrites
   -- the GET lets a client's retry of this very call keep the lock it took
   if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[2]) == ARGV[1] then
@@ -122,50 +156,90 @@ redis.pcall('HINCRBY', KEYS[4], 'hits', 1)
 redis.pcall('HINCRBY', KEYS[4], 'tokens_saved', e[2] or 0)
 return e[1]
 """)
-# KEYS as _READ.  ARGV: 1 lock token, 2 JSON value ('' stores nothing), 3 its tokens, 4 ttl ms, 5 LOCK_TTL ms.
-# Stores the value, releases the lock if the caller still owns it, and wakes the waiters if either happened.
+# KEYS[1] a lock.  ARGV: 1 the holder's token, 2 LOCK_TTL ms.  Returns 1 if the lock was still the holder's.
+_RENEW = Script(None, b"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+""")
+# KEYS as _READ.  ARGV: 1 lock token, 2 JSON value ('' stores nothing), 3 its tokens, 4 ttl ms, 5 LOCK_TTL ms,
+# 6 (optional) the corrupt value the caller found.  The first answer stored wins: the value is stored
+# only over no entry, another type or that corrupt value, else the stored one is returned.  Releases the lock if
+# the caller still owns it, and wakes the waiters if either happened.
 _FINISH = Script(None, b"""
-local wake = ARGV[2] ~= ''
-if wake then
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], 'v', ARGV[2], 't', ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  redis.call('HINCRBY', KEYS[4], 'misses', 1)
+local stored, wake = nil, false
+if ARGV[2] ~= '' then
+  stored = redis.pcall('HGET', KEYS[1], 'v')
+  if type(stored) ~= 'string' or stored == ARGV[6] then
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[1], 'v', ARGV[2], 't', ARGV[3])
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+    redis.call('HINCRBY', KEYS[4], 'misses', 1)
+    stored, wake = nil, true
+  end
 end
 if redis.call('GET', KEYS[2]) == ARGV[1] then wake = redis.call('DEL', KEYS[2]) end
 if wake then
   redis.call('XADD', KEYS[3], 'MAXLEN', '1', '*', 'stored', '1')
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
+return stored
 """)
 
 
 def _run(script: Script, r: Any, keys: list[str], *args: Any) -> Any:
-    # EVALSHA straight from the client: through Script.__call__ a hit measured 6-10% slower
-    try:
-        return r.evalsha(script.sha, len(keys), *keys, *args)
-    except redis.exceptions.NoScriptError:  # a new or flushed server: EVAL runs the script and caches it there
-        return r.eval(script.script, len(keys), *keys, *args)
-
-
-def _lookup(r: Any, keys: list[str], token: str) -> Any:
-    """The cached value; else _MISS once the caller should call the model (holding the lock if it could)."""
-    deadline = time.monotonic() + 2 * LOCK_TTL  # a dead holder's whole lock, then its successor's whole call
+    """One round trip; replies undecoded. A pool with no connection free is waited on, up to LOCK_TTL."""
+    give_up = time.monotonic() + LOCK_TTL
     while True:
         try:
-            reply = _run(_READ, r, keys, token, int(LOCK_TTL * 1000), HOT_THRESHOLD, HOT_TTL)
+            try:  # EVALSHA straight from the client: through Script.__call__ a hit measured 6-10% slower
+                return r.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, NEVER_DECODE=True)
+            except redis.exceptions.NoScriptError:  # a new or flushed server: EVAL runs the script and caches it
+                return r.execute_command("EVAL", script.script, len(keys), *keys, *args, NEVER_DECODE=True)
+        except redis.ConnectionError as e:
+            if not _exhausted(e) or time.monotonic() > give_up:
+                raise
+            time.sleep(0.002)
+
+
+def _lookup(r: Any, keys: list[str], token: str) -> tuple[Any, bytes | None, tuple[bytes, ...]]:
+    """The cached value and its JSON; or _MISS once the caller should call the model (holding the lock unless it
+    waited MAX_WAIT). Last, a corrupt value found on the way, which the caller's store may replace."""
+    deadline, corrupt, last_corrupt, conn = time.monotonic() + MAX_WAIT, (), (), None
+    try:
+        while True:
+            reply = _run(_READ, r, keys, token, int(LOCK_TTL * 1000), HOT_THRESHOLD, HOT_TTL, *last_corrupt)
+            last_corrupt = ()
             if not isinstance(reply, int):
-                return json.loads(reply)
-        except ValueError:  # not JSON, or not UTF-8 for a decoding client: a miss, overwritten by this caller
-            r.delete(keys[0])
-            continue
-        left = deadline - time.monotonic()
-        if reply == 0 or left <= 0:
-            return _MISS
-        # Sleep until the holder stores its answer or its lock expires, waking before the socket times out
-        # (an unset timeout is redis-py's default, 5 s in redis-py 8, so wake every 0.5 s then).
-        block = min(reply, left * 1000, (r.get_connection_kwargs().get("socket_timeout") or 1) * 500)
-        r.xread({keys[2]: "0-0"}, count=1, block=max(1, int(block)))
+                try:
+                    return json.loads(reply), reply, corrupt
+                except ValueError:  # not JSON, or not UTF-8: the next read takes it back as a hit
+                    corrupt = last_corrupt = (reply,)
+                    continue
+            left = deadline - time.monotonic()
+            if reply == 0 or left <= 0:
+                return _MISS, None, corrupt
+            # Sleep until the holder stores its answer or its lock expires, on a connection of its own, so a
+            # bounded pool is never held by a waiter; wake before the socket times out (unset: every 0.5 s).
+            if conn is None:
+                pool = r.get_node_from_key(keys[2]).redis_connection.connection_pool \
+                    if isinstance(r, redis.RedisCluster) else r.connection_pool
+                conn = pool.connection_class(**pool.connection_kwargs)
+            block = min(reply, left * 1000, (conn.socket_timeout or 1) * 500)
+            conn.send_command("XREAD", "COUNT", 1, "BLOCK", max(1, int(block)), "STREAMS", keys[2], "0-0")
+            conn.read_response()
+    finally:
+        if conn is not None:
+            conn.disconnect()
+
+
+def _renew(r: Any, lock: str, token: str, done: threading.Event) -> None:
+    # python-redis-lock's auto_renewal: the holder's lock outlives any call, and dies with the holder's process
+    while not done.wait(LOCK_TTL / 3):
+        try:
+            if not _run(_RENEW, r, [lock], token, int(LOCK_TTL * 1000)):
+                return  # not the holder (any more): the first answer stored wins
+        except _ERRORS:
+            pass  # Redis is away; if it stays away the lock expires, which costs a duplicate call at most
 
 
 def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl: float | None = None, *,
@@ -180,18 +254,51 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
     if not 0 < ttl < math.inf:
         raise ValueError(f"ttl must be a positive number of seconds, got {ttl}")
     r = _redis(client)
-    token, down = secrets.token_hex(8), _down_until.get(r, 0) > time.monotonic()
-    if not down:  # else Redis failed moments ago: don't wait on it again yet
+    # Go's singleflight: one thread per process and request goes to Redis and the model, the others wait for it
+    with _flights_lock:
+        flight = _flights.get((id(r), keys[0]))
+        leading = flight is None
+        if leading:
+            flight = _flights[id(r), keys[0]] = Future()
+    if not leading:
+        shared = flight.result()  # the leader's exception is raised here too
+        if shared is not None:  # a hit in Redis now; if Redis can't answer, the leader's answer is the call
+            call_fn = functools.partial(json.loads, shared)
+        return _get_or_set(r, keys, messages, model, call_fn, ttl)[0]
+    data = None
+    try:
+        result, data = _get_or_set(r, keys, messages, model, call_fn, ttl)
+        return result
+    except Exception as e:
+        flight.set_exception(e)
+        raise
+    finally:
+        with _flights_lock:
+            del _flights[id(r), keys[0]]
+        if not flight.done():
+            flight.set_result(data)  # None (a stream, say): each waiter makes its own call
+
+
+def _get_or_set(r: Any, keys: list[str], messages: list, model: str, call_fn: Callable[[], Any],
+                ttl: float) -> tuple[Any, str | bytes | None]:
+    """The answer, and its JSON if it may be shared."""
+    token, may_hold = secrets.token_hex(8), _down_until.get(r, 0) <= time.monotonic()
+    corrupt: tuple[bytes, ...] = ()
+    if may_hold:  # else Redis failed moments ago: don't wait on it again yet
         try:
-            value = _lookup(r, keys, token)
+            value, data, corrupt = _lookup(r, keys, token)
             if _down_until.pop(r, None):
                 log.warning("llm cache: Redis answers again, caching resumed")
             if value is not _MISS:
-                return value
+                return value, data
         except _ERRORS as e:
             _failed(r, e)
-            down = True
-    data = None
+            # a reply lost after the server ran the script may have given the caller the lock all the same:
+            # then it renews, stores and releases like any holder (the owner check makes that safe)
+            may_hold = isinstance(e, redis.TimeoutError)
+    done, data = threading.Event(), None
+    if may_hold:
+        threading.Thread(target=_renew, args=(r, keys[1], token, done), daemon=True).start()
     try:
         result = call_fn()
         if not isinstance(result, Iterator):  # a stream is the caller's to consume, never cached
@@ -203,13 +310,18 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
                 raise TypeError(f"call_fn returned a {type(result).__name__}, not JSON or pydantic: {e}") from None
             result = json.loads(data)  # exactly what a later hit returns
     finally:  # also when call_fn raised: release the lock at once, so the next caller need not wait
-        if not down:
+        done.set()
+        if may_hold:
             try:
-                _run(_FINISH, r, keys, token, data or "", _tokens(messages, model, result) if data else 0,
-                     math.ceil(ttl * 1000), int(LOCK_TTL * 1000))
+                stored = _run(_FINISH, r, keys, token, data or "", _tokens(messages, model, result) if data else 0,
+                              math.ceil(ttl * 1000), int(LOCK_TTL * 1000), *corrupt)
+                if stored is not None:  # another worker's answer came first: everyone gets that one
+                    result, data = json.loads(stored), stored
             except _ERRORS as e:
                 _failed(r, e)
-    return result
+            except ValueError:  # the first answer is corrupt; the next reader replaces it
+                pass
+    return result, data
 
 
 def stats(client: redis.Redis | redis.RedisCluster | None = None) -> dict[str, float]:
