@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import argparse, hashlib, json, multiprocessing, os, random, shutil, signal, socket, statistics, subprocess, tempfile
-import time
+import threading, time
 
 import redis
 
@@ -144,11 +144,13 @@ def _crowd_member(url, delay, leader_call, start, done, out):
     out.put(row)
 
 
-def crowd(url: str, processes: int, leader_call: float = 1.0) -> dict:
+def crowd(url: str, processes: int, leader_call: float = 1.0, lock_ttl: float | None = None) -> dict:
     """One process leads (its call takes leader_call s); the rest arrive at random moments while it runs.
 
     A waiter's lag runs from the store (the time in the ID of the stream entry that wakes the waiters) to its
     own return; lag_from_call is from the moment the leader's call returned, before it began storing."""
+    previous_lock_ttl = cache.LOCK_TTL
+    cache.LOCK_TTL = lock_ttl or previous_lock_ttl  # the forked members inherit it
     cache.PREFIX = f"bench:crowd:{processes}:{random.random()}:"
     start, done, out = FORK.Event(), FORK.Barrier(processes), FORK.Queue()
     delays = [0.0] + [random.uniform(0.05, leader_call * 0.8) for _ in range(processes - 1)]
@@ -160,6 +162,7 @@ def crowd(url: str, processes: int, leader_call: float = 1.0) -> dict:
     rows = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join()
+    cache.LOCK_TTL = previous_lock_ttl
     leader = min(rows, key=lambda row: row["delay"])
     waiters = [row for row in rows if row is not leader]
     r = redis.Redis.from_url(url)
@@ -168,10 +171,42 @@ def crowd(url: str, processes: int, leader_call: float = 1.0) -> dict:
     lags = [row["ended_wall"] * 1000 - stored_ms for row in waiters]  # the ID's whole ms: up to 1 ms too long
     lags_from_call = [(row["ended"] - answered) * 1000 for row in waiters]
     rates = [row["sent"] / (row["ended"] - row["began"]) for row in waiters]
-    return {"processes": processes, "calls": int(r.get(cache.PREFIX + "calls")),
+    return {"processes": processes, "call_s": leader_call, "lock_ttl_s": cache.LOCK_TTL if lock_ttl is None else lock_ttl,
+            "calls": int(r.get(cache.PREFIX + "calls")),
             "lag_median_ms": statistics.median(lags), "lag_max_ms": max(lags),
             "lag_from_call_median_ms": statistics.median(lags_from_call), "lag_from_call_max_ms": max(lags_from_call),
             "commands_per_waiter_per_s": statistics.median(rates), "commands_per_waiter_per_s_max": max(rates)}
+
+
+def small_pools(url: str, threads: int = 32, call: float = 0.5, max_connections: int = 4) -> dict:
+    """threads of one process ask one request at once through a pool of max_connections, of each kind."""
+    result = {}
+    for pool_class in (redis.ConnectionPool, redis.BlockingConnectionPool):
+        cache.PREFIX = f"bench:pool:{random.random()}:"
+        r = redis.Redis(connection_pool=pool_class.from_url(url, max_connections=max_connections))
+        calls, latencies, barrier = [], [], threading.Barrier(threads)
+
+        def call_fn():
+            calls.append(1)
+            time.sleep(call)
+            return COMPLETION
+
+        def ask():
+            barrier.wait()
+            t = time.perf_counter()
+            cache.get_or_set(MSGS, "pool", call_fn, client=r)
+            latencies.append(time.perf_counter() - t)
+
+        workers = [threading.Thread(target=ask) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        r.close()
+        result[pool_class.__name__] = {"threads": threads, "max_connections": max_connections, "call_s": call,
+                                       "calls": len(calls), "answered": len(latencies),
+                                       "worst_over_call_ms": (max(latencies) - call) * 1000}
+    return result
 
 
 def _holder(url, start):
@@ -192,8 +227,8 @@ def _late_waiter(url, call, start, out):
     out.put(time.monotonic())
 
 
-def killed_holder(url: str, lock_ttl: float = 2.0, call: float = 0.2, waiters: int = 8) -> dict:
-    """The lock holder is SIGKILLed inside its call: when do the waiters get their answer?"""
+def killed_holder(url: str, lock_ttl: float, call: float = 0.2, waiters: int = 8) -> dict:
+    """The lock holder is SIGKILLed inside its call, after renewing its lock: when do the waiters get their answer?"""
     previous_lock_ttl = cache.LOCK_TTL
     cache.PREFIX, cache.LOCK_TTL = f"bench:killed:{random.random()}:", lock_ttl
     r = redis.Redis.from_url(url)
@@ -206,6 +241,7 @@ def killed_holder(url: str, lock_ttl: float = 2.0, call: float = 0.2, waiters: i
         time.sleep(0.001)
     for p in procs:
         p.start()
+    time.sleep(lock_ttl / 2)  # killed at a random point of its renewal cycle, not right after taking the lock
     holder.kill()
     killed = time.monotonic()
     answered = [out.get(timeout=60) for _ in procs]
@@ -263,7 +299,9 @@ def main() -> None:
                    "hit": hit_vs_floor(url, rounds=5 if args.quick else 9, n=300 if args.quick else 3000),
                    "miss": miss_overhead(url, n=100 if args.quick else 1000),
                    "crowds": [crowd(url, n) for n in ((4,) if args.quick else (16, 64))],
-                   "killed_holder": killed_holder(url),
+                   "long_call": crowd(url, 4 if args.quick else 16, *((1.0, 0.1) if args.quick else (5.0, 0.5))),
+                   "pools": small_pools(url),
+                   "killed_holder": killed_holder(url, 2.0 if args.quick else cache.LOCK_TTL),
                    "fail_open": fail_open(port, proc, calls=100) if port else {}}
     finally:
         if proc:
@@ -287,6 +325,14 @@ def main() -> None:
               f"after the store: median {c['lag_median_ms']:.1f} ms, max {c['lag_max_ms']:.1f} ms (after the call "
               f"returned: {c['lag_from_call_median_ms']:.1f}, {c['lag_from_call_max_ms']:.1f}); commands per waiter "
               f"per s median {c['commands_per_waiter_per_s']:.1f}, max {c['commands_per_waiter_per_s_max']:.1f}")
+    c = figures["long_call"]
+    print(f"{c['processes']:3d} processes, a {c['call_s']:.0f} s call, LOCK_TTL {c['lock_ttl_s']} s: {c['calls']} "
+          f"call_fn call(s); waiters return after the store: median {c['lag_median_ms']:.1f} ms, "
+          f"max {c['lag_max_ms']:.1f} ms")
+    for name, p in figures["pools"].items():
+        print(f"{p['threads']} threads, one request, {p['call_s']} s call, {name}(max_connections="
+              f"{p['max_connections']}): {p['calls']} call_fn call(s), {p['answered']} answered, worst latency "
+              f"{p['worst_over_call_ms']:.1f} ms over the call")
     k = figures["killed_holder"]
     print(f"holder SIGKILLed in its call (LOCK_TTL {k['lock_ttl_s']:.0f} s, call {k['call_s']} s): {k['waiters']} "
           f"waiters answered {k['last_answer_after_kill_s']:.2f} s after the kill (bound {k['bound_s']:.1f} s)")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools, hashlib, json, logging, math, os, secrets, threading, time, weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from typing import Any
 
 import redis
@@ -27,9 +26,19 @@ _MISS = object()  # a cached None, "" or [] is a hit
 _ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 _down_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to try it again
 _warned_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to warn of its errors again
-_flights: dict[tuple[int, str], Future] = {}  # (client, entry) -> the answer its leading thread will have
+_flights: dict[tuple[int, str], _Flight] = {}  # (client, entry) -> the thread of this process leading it
 _flights_lock = threading.Lock()
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode  # built once
+
+
+class _Flight:
+    """One thread's way to an answer, through Redis and maybe the model; the process's other askers wait on it."""
+
+    __slots__ = ("ended", "data", "error")
+
+    def __init__(self) -> None:
+        self.ended, self.data, self.error = threading.Lock(), None, None
+        self.ended.acquire()  # released when the leader has its answer (its JSON in data) or its exception
 
 
 def _forget_flights() -> None:  # a forked child inherits the flights, but not the threads that would end them
@@ -259,24 +268,25 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
         flight = _flights.get((id(r), keys[0]))
         leading = flight is None
         if leading:
-            flight = _flights[id(r), keys[0]] = Future()
+            flight = _flights[id(r), keys[0]] = _Flight()
     if not leading:
-        shared = flight.result()  # the leader's exception is raised here too
-        if shared is not None:  # a hit in Redis now; if Redis can't answer, the leader's answer is the call
-            call_fn = functools.partial(json.loads, shared)
+        with flight.ended:  # until the leader has its answer
+            pass
+        if flight.error is not None:
+            raise flight.error
+        if flight.data is not None:  # a hit in Redis now; if Redis can't answer, the leader's answer is the call
+            call_fn = functools.partial(json.loads, flight.data)
         return _get_or_set(r, keys, messages, model, call_fn, ttl)[0]
-    data = None
     try:
-        result, data = _get_or_set(r, keys, messages, model, call_fn, ttl)
+        result, flight.data = _get_or_set(r, keys, messages, model, call_fn, ttl)
         return result
     except Exception as e:
-        flight.set_exception(e)
+        flight.error = e
         raise
-    finally:
+    finally:  # with neither answer nor exception (a stream, say), each waiter makes its own call
         with _flights_lock:
             del _flights[id(r), keys[0]]
-        if not flight.done():
-            flight.set_result(data)  # None (a stream, say): each waiter makes its own call
+        flight.ended.release()
 
 
 def _get_or_set(r: Any, keys: list[str], messages: list, model: str, call_fn: Callable[[], Any],
@@ -310,17 +320,18 @@ def _get_or_set(r: Any, keys: list[str], messages: list, model: str, call_fn: Ca
                 raise TypeError(f"call_fn returned a {type(result).__name__}, not JSON or pydantic: {e}") from None
             result = json.loads(data)  # exactly what a later hit returns
     finally:  # also when call_fn raised: release the lock at once, so the next caller need not wait
-        done.set()
-        if may_hold:
-            try:
+        try:
+            if may_hold:
                 stored = _run(_FINISH, r, keys, token, data or "", _tokens(messages, model, result) if data else 0,
                               math.ceil(ttl * 1000), int(LOCK_TTL * 1000), *corrupt)
                 if stored is not None:  # another worker's answer came first: everyone gets that one
                     result, data = json.loads(stored), stored
-            except _ERRORS as e:
-                _failed(r, e)
-            except ValueError:  # the first answer is corrupt; the next reader replaces it
-                pass
+        except _ERRORS as e:
+            _failed(r, e)
+        except ValueError:  # the first answer is corrupt; the next reader replaces it
+            pass
+        finally:
+            done.set()  # after the store, so that the renewal thread's wake-up does not delay it
     return result, data
 
 
