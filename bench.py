@@ -171,7 +171,7 @@ def crowd(url: str, processes: int, leader_call: float = 1.0, lock_ttl: float | 
     lags = [row["ended_wall"] * 1000 - stored_ms for row in waiters]  # the ID's whole ms: up to 1 ms too long
     lags_from_call = [(row["ended"] - answered) * 1000 for row in waiters]
     rates = [row["sent"] / (row["ended"] - row["began"]) for row in waiters]
-    return {"processes": processes, "call_s": leader_call, "lock_ttl_s": cache.LOCK_TTL if lock_ttl is None else lock_ttl,
+    return {"processes": processes, "call_s": leader_call, "lock_ttl_s": lock_ttl or cache.LOCK_TTL,
             "calls": int(r.get(cache.PREFIX + "calls")),
             "lag_median_ms": statistics.median(lags), "lag_max_ms": max(lags),
             "lag_from_call_median_ms": statistics.median(lags_from_call), "lag_from_call_max_ms": max(lags_from_call),

@@ -132,7 +132,8 @@ def _failed(r: Any, error: Exception) -> None:
 def _exhausted(error: Exception) -> bool:
     # a bounded pool with no connection free: this process is busy, Redis is fine (redis-py 5.0 raises a plain
     # ConnectionError, later ones MaxConnectionsError; BlockingConnectionPool's comes after its own timeout)
-    return isinstance(error, redis.ConnectionError) and str(error) in ("Too many connections", "No connection available.")
+    return isinstance(error, redis.ConnectionError) and str(error) in ("Too many connections",
+                                                                        "No connection available.")
 
 
 # KEYS: 1 entry hash {v = JSON, t = tokens it cost, h = its hits}, 2 its lock, 3 the stream its waiters block on,

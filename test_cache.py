@@ -677,7 +677,7 @@ def test_waiters_hold_no_pooled_connection(server, caplog):
     _until(lambda: sum(elsewhere.exists(cache._keys(q, "m", None)[1]) for q in questions) == 8)
     r = redis.Redis(connection_pool=redis.ConnectionPool(port=server.port, max_connections=2))
     answers = []
-    waiters = [threading.Thread(target=lambda q=q: answers.append(cache.get_or_set(q, "m", counting("wrong"), client=r)))
+    waiters = [threading.Thread(target=lambda q=q: answers.append(cache.get_or_set(q, "m", counting("x"), client=r)))
                for q in questions]
     with caplog.at_level(logging.WARNING, logger="cache"):
         for w in waiters:
