@@ -142,7 +142,7 @@ def _exhausted(error: Exception) -> bool:
 # Returns the value on a hit (counted), 0 if the caller now holds the lock, else the lock's ms to live.
 _READ = Script(None, b"""
 local e = redis.pcall('HMGET', KEYS[1], 'v', 't')
-if ARGV[5] then  -- the caller's last read was no hit
+if ARGV[5] then  -- the caller's last read was no hit (its tokens are taken back below, unless replaced meanwhile)
   redis.pcall('HINCRBY', KEYS[4], 'hits', -1)
   if not e.err and e[1] == ARGV[5] then  -- still that value: a miss (never a newer one)
     redis.pcall('HINCRBY', KEYS[4], 'tokens_saved', -(tonumber(e[2]) or 0))
