@@ -28,23 +28,26 @@ _down_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -
 _warned_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to warn of its errors again
 _flights: dict[tuple[int, str], _Flight] = {}  # (client, entry) -> the thread of this process leading it
 _flights_lock = threading.Lock()
+_wait_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> waiters' connections it may still open
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode  # built once
 
 
 class _Flight:
     """One thread's way to an answer, through Redis and maybe the model; the process's other askers wait on it."""
 
-    __slots__ = ("ended", "data", "error")
+    __slots__ = ("ended", "data", "error", "traceback", "leader")
 
     def __init__(self) -> None:
-        self.ended, self.data, self.error = threading.Lock(), None, None
+        self.ended, self.data, self.error, self.traceback = threading.Lock(), None, None, None
         self.ended.acquire()  # released when the leader has its answer (its JSON in data) or its exception
+        self.leader = threading.get_ident()
 
 
 def _forget_flights() -> None:  # a forked child inherits the flights, but not the threads that would end them
     global _flights_lock
     _flights.clear()
     _flights_lock = threading.Lock()
+    _wait_slots.clear()
 
 
 os.register_at_fork(after_in_child=_forget_flights)
@@ -211,10 +214,10 @@ def _run(script: Script, r: Any, keys: list[str], *args: Any) -> Any:
             time.sleep(0.002)
 
 
-def _lookup(r: Any, keys: list[str], token: str) -> tuple[Any, bytes | None, tuple[bytes, ...]]:
+def _lookup(r: Any, keys: list[str], token: str, deadline: float) -> tuple[Any, bytes | None, tuple[bytes, ...]]:
     """The cached value and its JSON; or _MISS once the caller should call the model (holding the lock unless it
-    waited MAX_WAIT). Last, a corrupt value found on the way, which the caller's store may replace."""
-    deadline, corrupt, last_corrupt, conn = time.monotonic() + MAX_WAIT, (), (), None
+    waited until the deadline). Last, a corrupt value found on the way, which the caller's store may replace."""
+    corrupt, last_corrupt, conn, slots = (), (), None, None
     try:
         while True:
             reply = _run(_READ, r, keys, token, int(LOCK_TTL * 1000), HOT_THRESHOLD, HOT_TTL, *last_corrupt)
@@ -228,18 +231,34 @@ def _lookup(r: Any, keys: list[str], token: str) -> tuple[Any, bytes | None, tup
             left = deadline - time.monotonic()
             if reply == 0 or left <= 0:
                 return _MISS, None, corrupt
-            # Sleep until the holder stores its answer or its lock expires, on a connection of its own, so a
-            # bounded pool is never held by a waiter; wake before the socket times out (unset: every 0.5 s).
-            if conn is None:
+            # Sleep until the holder stores its answer or its lock expires. On a connection of the waiter's own,
+            # so that waiters never hold the pool's connections, but no more of them than the pool may open;
+            # past that, or if the server refuses one (maxclients), poll every 50 ms.
+            if slots is None:
                 pool = r.get_node_from_key(keys[2]).redis_connection.connection_pool \
                     if isinstance(r, redis.RedisCluster) else r.connection_pool
-                conn = pool.connection_class(**pool.connection_kwargs)
-            block = min(reply, left * 1000, (conn.socket_timeout or 1) * 500)
-            conn.send_command("XREAD", "COUNT", 1, "BLOCK", max(1, int(block)), "STREAMS", keys[2], "0-0")
-            conn.read_response()
+                slots = _wait_slots.setdefault(pool, threading.BoundedSemaphore(pool.max_connections))
+                if slots.acquire(blocking=False):
+                    conn = pool.connection_class(**pool.connection_kwargs)
+                    timeout = conn.socket_timeout  # blocks last up to this, and the reply may take as long again
+                    conn.socket_timeout = 2 * timeout if timeout else None
+            if conn is None:
+                time.sleep(min(reply, left * 1000, 50) / 1000)
+                continue
+            block = max(1, int(min(reply, left * 1000, (timeout or 1) * 1000)))
+            try:
+                conn.send_command("XREAD", "COUNT", 1, "BLOCK", block, "STREAMS", keys[2], "0-0")
+                conn.read_response()
+            except redis.TimeoutError:  # slow, or frozen: the next read tells
+                conn.disconnect()
+            except redis.ConnectionError:  # refused (maxclients, say): Redis is up, so poll through the pool
+                conn.disconnect()
+                conn = None
+                slots.release()
     finally:
         if conn is not None:
             conn.disconnect()
+            slots.release()
 
 
 def _renew(r: Any, lock: str, token: str, done: threading.Event) -> None:
@@ -270,19 +289,22 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
         leading = flight is None
         if leading:
             flight = _flights[id(r), keys[0]] = _Flight()
+    deadline = time.monotonic() + MAX_WAIT
     if not leading:
-        with flight.ended:  # until the leader has its answer
-            pass
+        if flight.leader == threading.get_ident():  # call_fn asked for its own request: it can't wait for itself
+            return _get_or_set(r, keys, messages, model, call_fn, ttl, time.monotonic())[0]
+        if flight.ended.acquire(timeout=MAX_WAIT):  # until the leader has its answer, as a Redis waiter would
+            flight.ended.release()
         if flight.error is not None:
-            raise flight.error
+            raise flight.error.with_traceback(flight.traceback)  # not one traceback grown by every waiter
         if flight.data is not None:  # a hit in Redis now; if Redis can't answer, the leader's answer is the call
             call_fn = functools.partial(json.loads, flight.data)
-        return _get_or_set(r, keys, messages, model, call_fn, ttl)[0]
+        return _get_or_set(r, keys, messages, model, call_fn, ttl, deadline)[0]
     try:
-        result, flight.data = _get_or_set(r, keys, messages, model, call_fn, ttl)
+        result, flight.data = _get_or_set(r, keys, messages, model, call_fn, ttl, deadline)
         return result
     except Exception as e:
-        flight.error = e
+        flight.error, flight.traceback = e, e.__traceback__
         raise
     finally:  # with neither answer nor exception (a stream, say), each waiter makes its own call
         with _flights_lock:
@@ -290,14 +312,14 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
         flight.ended.release()
 
 
-def _get_or_set(r: Any, keys: list[str], messages: list, model: str, call_fn: Callable[[], Any],
-                ttl: float) -> tuple[Any, str | bytes | None]:
+def _get_or_set(r: Any, keys: list[str], messages: list, model: str, call_fn: Callable[[], Any], ttl: float,
+                deadline: float) -> tuple[Any, str | bytes | None]:
     """The answer, and its JSON if it may be shared."""
-    token, may_hold = secrets.token_hex(8), _down_until.get(r, 0) <= time.monotonic()
+    token, may_hold, lost = secrets.token_hex(8), _down_until.get(r, 0) <= time.monotonic(), False
     corrupt: tuple[bytes, ...] = ()
     if may_hold:  # else Redis failed moments ago: don't wait on it again yet
         try:
-            value, data, corrupt = _lookup(r, keys, token)
+            value, data, corrupt = _lookup(r, keys, token, deadline)
             if _down_until.pop(r, None):
                 log.warning("llm cache: Redis answers again, caching resumed")
             if value is not _MISS:
@@ -306,10 +328,10 @@ def _get_or_set(r: Any, keys: list[str], messages: list, model: str, call_fn: Ca
             _failed(r, e)
             # a reply lost after the server ran the script may have given the caller the lock all the same:
             # then it renews, stores and releases like any holder (the owner check makes that safe)
-            may_hold = isinstance(e, redis.TimeoutError)
+            may_hold = lost = isinstance(e, redis.TimeoutError)
     done, data = threading.Event(), None
     if may_hold:
-        threading.Thread(target=_renew, args=(r, keys[1], token, done), daemon=True).start()
+        _start(_renew, r, keys[1], token, done)
     try:
         result = call_fn()
         if not isinstance(result, Iterator):  # a stream is the caller's to consume, never cached
@@ -321,19 +343,35 @@ def _get_or_set(r: Any, keys: list[str], messages: list, model: str, call_fn: Ca
                 raise TypeError(f"call_fn returned a {type(result).__name__}, not JSON or pydantic: {e}") from None
             result = json.loads(data)  # exactly what a later hit returns
     finally:  # also when call_fn raised: release the lock at once, so the next caller need not wait
-        try:
-            if may_hold:
-                stored = _run(_FINISH, r, keys, token, data or "", _tokens(messages, model, result) if data else 0,
-                              math.ceil(ttl * 1000), int(LOCK_TTL * 1000), *corrupt)
+        done.set()
+        if may_hold:
+            args = (r, keys, token, data or "", _tokens(messages, model, result) if data else 0, ttl, corrupt)
+            if not (lost and _start(_finish, *args)):  # after a timeout, the caller doesn't wait for another
+                stored = _finish(*args)
                 if stored is not None:  # another worker's answer came first: everyone gets that one
-                    result, data = json.loads(stored), stored
-        except _ERRORS as e:
-            _failed(r, e)
-        except ValueError:  # the first answer is corrupt; the next reader replaces it
-            pass
-        finally:
-            done.set()  # after the store, so that the renewal thread's wake-up does not delay it
+                    result, data = stored
     return result, data
+
+
+def _finish(r: Any, keys: list[str], token: str, data: str, tokens: int, ttl: float,
+            corrupt: tuple[bytes, ...]) -> tuple[Any, bytes] | None:
+    """Store, release and wake; the answer stored before this one, if there was one."""
+    try:
+        stored = _run(_FINISH, r, keys, token, data, tokens, math.ceil(ttl * 1000), int(LOCK_TTL * 1000), *corrupt)
+        return None if stored is None else (json.loads(stored), stored)
+    except _ERRORS as e:
+        _failed(r, e)
+    except ValueError:  # the first answer is corrupt; the next reader replaces it
+        pass
+    return None
+
+
+def _start(target: Callable, *args: Any) -> bool:
+    try:
+        threading.Thread(target=target, args=args, daemon=True).start()
+        return True
+    except RuntimeError:  # no thread to be had (at interpreter shutdown, say): do without
+        return False
 
 
 def stats(client: redis.Redis | redis.RedisCluster | None = None) -> dict[str, float]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json, logging, math, multiprocessing, os, pathlib, random, shutil, signal, socket, subprocess, sys, threading
-import time, uuid
+import time, traceback, uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import fakeredis
@@ -345,6 +345,8 @@ def test_a_corrupt_entry_is_a_miss_and_is_overwritten(client, corrupt):
 
 def test_a_corrupt_entry_replaced_meanwhile_by_a_good_answer_is_kept(client, monkeypatch):
     entry = cache._keys(MSGS, "m", None)[0]
+    # t is no number here: a numeric one would stay counted, as the read that found the corrupt value carried
+    # no t back, and the value it would take back is gone (a limit the README states)
     client.hset(entry, mapping={"v": "{broken", "t": "x"})
     good = {"by": "another worker", "usage": {"total_tokens": 7}}
     real = client.execute_command
@@ -675,18 +677,20 @@ def test_waiters_hold_no_pooled_connection(server, caplog):
     for h in holders:
         h.start()
     _until(lambda: sum(elsewhere.exists(cache._keys(q, "m", None)[1]) for q in questions) == 8)
-    r = redis.Redis(connection_pool=redis.ConnectionPool(port=server.port, max_connections=2))
+    r = redis.Redis(connection_pool=redis.ConnectionPool(port=server.port, max_connections=2, client_name="ours"))
     answers = []
     waiters = [threading.Thread(target=lambda q=q: answers.append(cache.get_or_set(q, "m", counting("x"), client=r)))
                for q in questions]
     with caplog.at_level(logging.WARNING, logger="cache"):
         for w in waiters:
             w.start()
-        _until(lambda: sum(c["cmd"] == "xread" for c in elsewhere.client_list()) == 8)  # all eight blocked
+        # two block on connections of their own (no more than the pool may open), the other six poll
+        _until(lambda: sum(c["cmd"] == "xread" for c in elsewhere.client_list()) == 2)
         call_fn = counting()
         assert cache.get_or_set(MSGS, "m", call_fn, client=r) == ANSWER  # the 2-connection pool is free:
         assert cache.get_or_set(MSGS, "m", call_fn, client=r) == ANSWER  # a store and a hit go through at once
         assert call_fn.calls == 1
+        assert sum(c["name"] == "ours" for c in elsewhere.client_list()) <= 4  # the pool's two, the waiters' two
         release.set()
         for t in holders + waiters:
             t.join(timeout=30)
@@ -786,11 +790,125 @@ def test_a_lost_reply_to_the_lock_still_stores_and_releases(server, caplog):
     proxy.close()
     assert lost and call_fn.calls == 1
     assert [rec for rec in caplog.records if "TimeoutError" in rec.message]  # the reply was lost
-    entry, lock = cache._keys(MSGS, "m", None)[:2]
-    assert direct.exists(lock) == 0  # released, and the answer stored: the next caller has it at once
+    lock = cache._keys(MSGS, "m", None)[1]
+    _until(lambda: direct.exists(lock) == 0)  # released (in the background: Redis just timed out on this caller)
     other = counting("called again")
-    assert cache.get_or_set(MSGS, "m", other, client=direct) == ANSWER
+    assert cache.get_or_set(MSGS, "m", other, client=direct) == ANSWER  # and the answer stored with it
     assert other.calls == 0
+
+
+def test_a_thread_waits_for_its_process_leader_no_longer_than_max_wait(client, monkeypatch):
+    monkeypatch.setattr(cache, "MAX_WAIT", 0.5)
+    release, outcome = threading.Event(), {}
+
+    def hung():
+        release.wait(timeout=30)
+        return {"by": "leader"}
+
+    leader = threading.Thread(target=lambda: outcome.update(leader=cache.get_or_set(MSGS, "m", hung, client=client)))
+    leader.start()
+    _until(lambda: client.exists(cache._keys(MSGS, "m", None)[1]))
+    own = counting({"by": "follower"})
+    assert cache.get_or_set(MSGS, "m", own, client=client) == {"by": "follower"}  # same client: a local follower
+    release.set()
+    leader.join()
+    assert own.calls == 1 and outcome["leader"] == {"by": "follower"}  # the first answer stored wins
+
+
+def test_a_call_fn_that_asks_for_its_own_request_does_not_wait_for_itself(client):
+    inner = counting({"by": "inner"})
+    outcome = {}
+
+    def outer():
+        outcome["inner"] = cache.get_or_set(MSGS, "m", inner, client=client)
+        return {"by": "outer"}
+
+    t = threading.Thread(target=lambda: outcome.update(outer=cache.get_or_set(MSGS, "m", outer, client=client)))
+    t.start()
+    t.join(timeout=20)  # MAX_WAIT is 15 minutes: waiting for itself would still be waiting
+    assert not t.is_alive()
+    assert outcome == {"inner": {"by": "inner"}, "outer": {"by": "inner"}} and inner.calls == 1
+
+
+def test_each_thread_raising_the_leaders_exception_sees_a_traceback_of_its_own_length(client):
+    boom, depths = RuntimeError("model down"), []
+
+    def failing():
+        time.sleep(0.3)
+        raise boom
+
+    def ask():
+        try:
+            cache.get_or_set(MSGS, "m", failing, client=client)
+        except RuntimeError as e:
+            depths.append(len(traceback.extract_tb(e.__traceback__)))
+
+    _in_threads(12, ask)
+    assert len(depths) == 12 and max(depths) - min(depths) <= 4  # not one traceback grown by every waiter
+
+
+def test_no_thread_to_renew_the_lock_is_no_error(client, monkeypatch):
+    def refuse(self):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    call_fn = counting()
+    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
+    assert client.exists(cache._keys(MSGS, "m", None)[1]) == 0  # released
+    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER and call_fn.calls == 1
+
+
+def test_a_slow_link_does_not_time_a_waiter_out(server, caplog):
+    proxy = DelayingProxy(server.port, delay=0.3, when=lambda data: True)  # every reply 0.3 s late
+    far = redis.Redis(port=proxy.port, socket_timeout=0.5)  # each reply still comes within its timeout
+    release, calls = threading.Event(), []
+
+    def slow():
+        calls.append(1)
+        release.wait(timeout=30)
+        return ANSWER
+
+    holder = threading.Thread(target=cache.get_or_set, args=(MSGS, "m", slow), kwargs={"client": server.client()})
+    holder.start()
+    _until(lambda: calls)
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        own = counting("the waiter called the model")
+        waiter = threading.Thread(target=lambda: calls.append(cache.get_or_set(MSGS, "m", own, client=far)))
+        waiter.start()
+        time.sleep(3)  # the waiter connects, blocks and wakes several times, each reply 0.3 s late
+        release.set()
+        holder.join()
+        waiter.join(timeout=30)
+    proxy.close()
+    assert calls == [1, ANSWER] and own.calls == 0  # one model call; the waiter got the holder's answer
+    assert caplog.records == []
+
+
+def test_a_server_refusing_waiters_connections_is_polled_not_taken_for_an_outage(tmp_path, caplog):
+    s = Server(tmp_path, "--maxclients", "4")
+    try:
+        admin = s.client()
+        admin.ping()
+        questions = [[{"role": "user", "content": f"held {n}"}] for n in range(8)]
+        for q in questions:  # another worker holds all eight locks
+            admin.set(cache._keys(q, "m", None)[1], "elsewhere", px=30_000)
+        r = redis.Redis(connection_pool=redis.BlockingConnectionPool(port=s.port, max_connections=2))
+        answers, call_fn = [], counting("x")
+        waiters = [threading.Thread(target=lambda q=q: answers.append(cache.get_or_set(q, "m", call_fn, client=r)))
+                   for q in questions]
+        with caplog.at_level(logging.WARNING, logger="cache"):
+            for w in waiters:
+                w.start()
+            time.sleep(0.5)  # the pool has 2 connections, 1 waiter a third; the server refuses a fourth
+            for q in questions:  # the holder stores its answers
+                cache._run(cache._FINISH, admin, cache._keys(q, "m", None), "elsewhere", json.dumps(ANSWER), 0,
+                           60_000, 10_000)
+            for w in waiters:
+                w.join(timeout=30)
+        assert answers == [ANSWER] * 8 and call_fn.calls == 0
+        assert not [rec for rec in caplog.records if "Redis failed" in rec.message]
+    finally:
+        s.kill()
 
 
 def test_a_forked_child_does_not_wait_for_its_parents_threads(server):
