@@ -27,7 +27,6 @@ _ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 _down_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to try it again
 _warned_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to warn of its errors again
 _flights: dict[tuple[int, str], _Flight] = {}  # (client, entry) -> the thread of this process leading it
-_flights_lock = threading.Lock()
 _wait_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> waiters' connections it may still open
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode  # built once
 
@@ -44,9 +43,7 @@ class _Flight:
 
 
 def _forget_flights() -> None:  # a forked child inherits the flights, but not the threads that would end them
-    global _flights_lock
     _flights.clear()
-    _flights_lock = threading.Lock()
     _wait_slots.clear()
 
 
@@ -201,7 +198,7 @@ return stored
 
 def _run(script: Script, r: Any, keys: list[str], *args: Any) -> Any:
     """One round trip; replies undecoded. A pool with no connection free is waited on, up to LOCK_TTL."""
-    give_up = time.monotonic() + LOCK_TTL
+    give_up = None
     while True:
         try:
             try:  # EVALSHA straight from the client: through Script.__call__ a hit measured 6-10% slower
@@ -209,6 +206,7 @@ def _run(script: Script, r: Any, keys: list[str], *args: Any) -> Any:
             except redis.exceptions.NoScriptError:  # a new or flushed server: EVAL runs the script and caches it
                 return r.execute_command("EVAL", script.script, len(keys), *keys, *args, NEVER_DECODE=True)
         except redis.ConnectionError as e:
+            give_up = give_up or time.monotonic() + LOCK_TTL
             if not _exhausted(e) or time.monotonic() > give_up:
                 raise
             time.sleep(0.002)
@@ -284,11 +282,9 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
         raise ValueError(f"ttl must be a positive number of seconds, got {ttl}")
     r = _redis(client)
     # Go's singleflight: one thread per process and request goes to Redis and the model, the others wait for it
-    with _flights_lock:
-        flight = _flights.get((id(r), keys[0]))
-        leading = flight is None
-        if leading:
-            flight = _flights[id(r), keys[0]] = _Flight()
+    mine, flight_key = _Flight(), (id(r), keys[0])
+    flight = _flights.setdefault(flight_key, mine)  # atomic: one dict operation
+    leading = flight is mine
     deadline = time.monotonic() + MAX_WAIT
     if not leading:
         if flight.leader == threading.get_ident():  # call_fn asked for its own request: it can't wait for itself
@@ -307,8 +303,7 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
         flight.error, flight.traceback = e, e.__traceback__
         raise
     finally:  # with neither answer nor exception (a stream, say), each waiter makes its own call
-        with _flights_lock:
-            del _flights[id(r), keys[0]]
+        del _flights[flight_key]
         flight.ended.release()
 
 
