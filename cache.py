@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-import functools, hashlib, json, logging, math, os, secrets, threading, time, weakref
+import copy, functools, hashlib, json, logging, math, os, secrets, threading, time, weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -215,7 +215,7 @@ def _run(script: Script, r: Any, keys: list[str], *args: Any) -> Any:
 def _lookup(r: Any, keys: list[str], token: str, deadline: float) -> tuple[Any, bytes | None, tuple[bytes, ...]]:
     """The cached value and its JSON; or _MISS once the caller should call the model (holding the lock unless it
     waited until the deadline). Last, a corrupt value found on the way, which the caller's store may replace."""
-    corrupt, last_corrupt, conn, slots = (), (), None, None
+    corrupt, last_corrupt, conn, slots, slot, seen = (), (), None, None, False, "0-0"
     try:
         while True:
             reply = _run(_READ, r, keys, token, int(LOCK_TTL * 1000), HOT_THRESHOLD, HOT_TTL, *last_corrupt)
@@ -236,7 +236,8 @@ def _lookup(r: Any, keys: list[str], token: str, deadline: float) -> tuple[Any, 
                 pool = r.get_node_from_key(keys[2]).redis_connection.connection_pool \
                     if isinstance(r, redis.RedisCluster) else r.connection_pool
                 slots = _wait_slots.setdefault(pool, threading.BoundedSemaphore(pool.max_connections))
-                if slots.acquire(blocking=False):
+                slot = slots.acquire(blocking=False)
+                if slot:
                     conn = pool.connection_class(**pool.connection_kwargs)
                     timeout = conn.socket_timeout  # blocks last up to this, and the reply may take as long again
                     conn.socket_timeout = 2 * timeout if timeout else None
@@ -244,18 +245,20 @@ def _lookup(r: Any, keys: list[str], token: str, deadline: float) -> tuple[Any, 
                 time.sleep(min(reply, left * 1000, 50) / 1000)
                 continue
             block = max(1, int(min(reply, left * 1000, (timeout or 1) * 1000)))
-            try:
-                conn.send_command("XREAD", "COUNT", 1, "BLOCK", block, "STREAMS", keys[2], "0-0")
-                conn.read_response()
+            try:  # from the last entry seen: one a late holder stored, and which expired since, wakes no one
+                conn.send_command("XREAD", "COUNT", 1, "BLOCK", block, "STREAMS", keys[2], seen)
+                woken = conn.read_response()  # RESP3 replies a map, RESP2 a list of [stream, entries]
+                if woken:
+                    seen = (next(iter(woken.values())) if isinstance(woken, dict) else woken[0][1])[-1][0]
             except redis.TimeoutError:  # slow, or frozen: the next read tells
                 conn.disconnect()
-            except redis.ConnectionError:  # refused (maxclients, say): Redis is up, so poll through the pool
+            except redis.ConnectionError:  # dropped, or refused (maxclients): poll once, then connect again
                 conn.disconnect()
-                conn = None
-                slots.release()
+                time.sleep(min(reply, left * 1000, 50) / 1000)
     finally:
         if conn is not None:
             conn.disconnect()
+        if slot:
             slots.release()
 
 
@@ -282,29 +285,35 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
         raise ValueError(f"ttl must be a positive number of seconds, got {ttl}")
     r = _redis(client)
     # Go's singleflight: one thread per process and request goes to Redis and the model, the others wait for it
-    mine, flight_key = _Flight(), (id(r), keys[0])
-    flight = _flights.setdefault(flight_key, mine)  # atomic: one dict operation
-    leading = flight is mine
-    deadline = time.monotonic() + MAX_WAIT
-    if not leading:
-        if flight.leader == threading.get_ident():  # call_fn asked for its own request: it can't wait for itself
-            return _get_or_set(r, keys, messages, model, call_fn, ttl, time.monotonic())[0]
-        if flight.ended.acquire(timeout=MAX_WAIT):  # until the leader has its answer, as a Redis waiter would
-            flight.ended.release()
-        if flight.error is not None:
-            raise flight.error.with_traceback(flight.traceback)  # not one traceback grown by every waiter
-        if flight.data is not None:  # a hit in Redis now; if Redis can't answer, the leader's answer is the call
-            call_fn = functools.partial(json.loads, flight.data)
-        return _get_or_set(r, keys, messages, model, call_fn, ttl, deadline)[0]
+    mine, flight_key, deadline = _Flight(), (id(r), keys[0]), time.monotonic() + MAX_WAIT
     try:
-        result, flight.data = _get_or_set(r, keys, messages, model, call_fn, ttl, deadline)
+        flight = _flights.setdefault(flight_key, mine)  # atomic: one dict operation
+        if flight is not mine:
+            if flight.leader == threading.get_ident():  # call_fn asked for its own request: don't wait for itself
+                deadline = time.monotonic()
+            elif flight.ended.acquire(timeout=min(MAX_WAIT, threading.TIMEOUT_MAX)):  # as a Redis waiter would
+                flight.ended.release()
+            if flight.error is not None:  # a copy where one can be made, so that each caller has its own traceback
+                raise _copied(flight.error).with_traceback(flight.traceback)
+            if flight.data is not None:  # a hit in Redis now; if Redis can't answer, the leader's answer is the call
+                call_fn = functools.partial(json.loads, flight.data)
+            return _get_or_set(r, keys, messages, model, call_fn, ttl, deadline)[0]
+        result, mine.data = _get_or_set(r, keys, messages, model, call_fn, ttl, deadline)
         return result
     except Exception as e:
-        flight.error, flight.traceback = e, e.__traceback__
+        mine.error, mine.traceback = e, e.__traceback__
         raise
     finally:  # with neither answer nor exception (a stream, say), each waiter makes its own call
-        del _flights[flight_key]
-        flight.ended.release()
+        if _flights.get(flight_key) is mine:  # not if a fork in call_fn forgot it
+            del _flights[flight_key]
+        mine.ended.release()
+
+
+def _copied(error: Exception) -> Exception:
+    try:
+        return copy.copy(error)
+    except Exception:  # an exception class copy can't rebuild: share the one object
+        return error
 
 
 def _get_or_set(r: Any, keys: list[str], messages: list, model: str, call_fn: Callable[[], Any], ttl: float,

@@ -708,7 +708,8 @@ def test_a_failed_call_raises_in_every_thread_that_waited_for_it(client):
 
     outcomes = _in_threads(6, lambda: cache.get_or_set(MSGS, "m", failing, client=client))
     assert len(calls) == 1
-    assert len(outcomes) == 6 and all(e is boom for e in outcomes)
+    assert len(outcomes) == 6 and all(type(e) is RuntimeError and e.args == boom.args for e in outcomes)
+    assert sum(e is boom for e in outcomes) == 1  # the leader's own; each waiting thread raises a copy
     keys = cache._keys(MSGS, "m", None)
     assert client.exists(keys[0], keys[1]) == 0
     call_fn = counting()
@@ -909,6 +910,18 @@ def test_a_server_refusing_waiters_connections_is_polled_not_taken_for_an_outage
         assert not [rec for rec in caplog.records if "Redis failed" in rec.message]
     finally:
         s.kill()
+
+
+def test_a_stale_wake_up_does_not_make_a_waiter_spin(server):
+    r = server.client()
+    entry, lock, stream = cache._keys(MSGS, "m", None)[:3]
+    r.set(lock, "another holder", px=1000)
+    r.xadd(stream, {"stored": "1"})  # a late holder's wake-up, whose entry has expired since
+    before = r.info("commandstats").get("cmdstat_xread", {}).get("calls", 0)
+    call_fn = counting()
+    assert cache.get_or_set(MSGS, "m", call_fn, client=server.client()) == ANSWER  # after the lock expires
+    xreads = r.info("commandstats")["cmdstat_xread"]["calls"] - before
+    assert call_fn.calls == 1 and xreads <= 5  # it slept on the stream; it did not read it over and over
 
 
 def test_a_forked_child_does_not_wait_for_its_parents_threads(server):
