@@ -717,20 +717,23 @@ def test_a_failed_call_raises_in_every_thread_that_waited_for_it(client):
     assert call_fn.calls == 1
 
 
-def test_a_waiter_calls_itself_after_max_wait_and_the_first_answer_stored_wins(client, monkeypatch):
+@pytest.mark.parametrize("same_client", [False, True], ids=["another-worker", "a-thread-of-the-holders"])
+def test_a_waiter_calls_itself_after_max_wait_and_the_first_answer_stored_wins(client, monkeypatch, same_client):
+    """Waiting on Redis for another worker, or locally for a thread of the same process: MAX_WAIT bounds both."""
     monkeypatch.setattr(cache, "MAX_WAIT", 0.5)
     release, outcome = threading.Event(), {}
+    holder_client, waiter_client = (client, client) if same_client else (twin(client), twin(client))
 
     def slow():
         release.wait(timeout=30)
         return {"by": "holder"}
 
     holder = threading.Thread(target=lambda: outcome.update(holder=cache.get_or_set(MSGS, "m", slow,
-                                                                                  client=twin(client))))
+                                                                                  client=holder_client)))
     holder.start()
     _until(lambda: client.exists(cache._keys(MSGS, "m", None)[1]))
     call_fn = counting({"by": "waiter"})
-    assert cache.get_or_set(MSGS, "m", call_fn, client=twin(client)) == {"by": "waiter"}
+    assert cache.get_or_set(MSGS, "m", call_fn, client=waiter_client) == {"by": "waiter"}
     assert call_fn.calls == 1
     release.set()
     holder.join()
@@ -796,24 +799,6 @@ def test_a_lost_reply_to_the_lock_still_stores_and_releases(server, caplog):
     other = counting("called again")
     assert cache.get_or_set(MSGS, "m", other, client=direct) == ANSWER  # and the answer stored with it
     assert other.calls == 0
-
-
-def test_a_thread_waits_for_its_process_leader_no_longer_than_max_wait(client, monkeypatch):
-    monkeypatch.setattr(cache, "MAX_WAIT", 0.5)
-    release, outcome = threading.Event(), {}
-
-    def hung():
-        release.wait(timeout=30)
-        return {"by": "leader"}
-
-    leader = threading.Thread(target=lambda: outcome.update(leader=cache.get_or_set(MSGS, "m", hung, client=client)))
-    leader.start()
-    _until(lambda: client.exists(cache._keys(MSGS, "m", None)[1]))
-    own = counting({"by": "follower"})
-    assert cache.get_or_set(MSGS, "m", own, client=client) == {"by": "follower"}  # same client: a local follower
-    release.set()
-    leader.join()
-    assert own.calls == 1 and outcome["leader"] == {"by": "follower"}  # the first answer stored wins
 
 
 def test_a_call_fn_that_asks_for_its_own_request_does_not_wait_for_itself(client):
