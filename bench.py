@@ -6,8 +6,20 @@
 """
 from __future__ import annotations
 
-import argparse, hashlib, json, multiprocessing, os, random, shutil, signal, socket, statistics, subprocess, tempfile
-import threading, time
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
 
 import redis
 
@@ -100,8 +112,9 @@ def hit_vs_floor(url: str, rounds: int, n: int) -> dict:
     r.delete("bench:floor", sha256_key(MSGS, "gpt-4.1-mini"))
     (get_us, get_calls), (evalsha_us, _) = after["get"], after["evalsha"]
     return {"floor_us": statistics.median(floors), "keyed_floor_us": statistics.median(keyed),
-            "hit_us": statistics.median(hits), "ratio": statistics.median(h / f for h, f in zip(hits, floors)),
-            "keyed_ratio": statistics.median(k / f for k, f in zip(keyed, floors)),
+            "hit_us": statistics.median(hits),
+            "ratio": statistics.median(h / f for h, f in zip(hits, floors, strict=True)),
+            "keyed_ratio": statistics.median(k / f for k, f in zip(keyed, floors, strict=True)),
             "round_trips_per_hit": hit_trips, "rounds": rounds,
             "server_us_per_get": get_us / get_calls,  # both floors' GETs, over the whole run
             "server_us_per_hit": (evalsha_us - before["evalsha"][0]) / n}  # the hits of the last round
@@ -180,33 +193,34 @@ def crowd(url: str, processes: int, leader_call: float = 1.0, lock_ttl: float | 
 
 def small_pools(url: str, threads: int = 32, call: float = 0.5, max_connections: int = 4) -> dict:
     """threads of one process ask one request at once through a pool of max_connections, of each kind."""
-    result = {}
-    for pool_class in (redis.ConnectionPool, redis.BlockingConnectionPool):
-        cache.PREFIX = f"bench:pool:{random.random()}:"
-        r = redis.Redis(connection_pool=pool_class.from_url(url, max_connections=max_connections))
-        calls, latencies, barrier = [], [], threading.Barrier(threads)
+    return {pool_class.__name__: _small_pool(url, pool_class, threads, call, max_connections)
+            for pool_class in (redis.ConnectionPool, redis.BlockingConnectionPool)}
 
-        def call_fn():
-            calls.append(1)
-            time.sleep(call)
-            return COMPLETION
 
-        def ask():
-            barrier.wait()
-            t = time.perf_counter()
-            cache.get_or_set(MSGS, "pool", call_fn, client=r)
-            latencies.append(time.perf_counter() - t)
+def _small_pool(url: str, pool_class: type, threads: int, call: float, max_connections: int) -> dict:
+    cache.PREFIX = f"bench:pool:{random.random()}:"
+    r = redis.Redis(connection_pool=pool_class.from_url(url, max_connections=max_connections))
+    calls, latencies, barrier = [], [], threading.Barrier(threads)
 
-        workers = [threading.Thread(target=ask) for _ in range(threads)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        r.close()
-        result[pool_class.__name__] = {"threads": threads, "max_connections": max_connections, "call_s": call,
-                                       "calls": len(calls), "answered": len(latencies),
-                                       "worst_over_call_ms": (max(latencies) - call) * 1000}
-    return result
+    def call_fn():
+        calls.append(1)
+        time.sleep(call)
+        return COMPLETION
+
+    def ask():
+        barrier.wait()
+        t = time.perf_counter()
+        cache.get_or_set(MSGS, "pool", call_fn, client=r)
+        latencies.append(time.perf_counter() - t)
+
+    workers = [threading.Thread(target=ask) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    r.close()
+    return {"threads": threads, "max_connections": max_connections, "call_s": call,
+            "calls": len(calls), "answered": len(latencies), "worst_over_call_ms": (max(latencies) - call) * 1000}
 
 
 def _holder(url, start):

@@ -4,21 +4,34 @@
 """
 from __future__ import annotations
 
-import copy, functools, hashlib, json, logging, math, os, secrets, threading, time, weakref
+import copy
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+import types
+import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
-from redis.commands.core import Script
 
+# Durations are seconds, int or float. Every setting is read at call time: cache.HOT_TTL = 3600 applies next call.
 PREFIX = os.environ.get("LLM_CACHE_PREFIX", "llm:v1:")  # bump it ("llm:v2:") to orphan every entry, no flush
-DEFAULT_TTL = 24 * 3600  # seconds an entry lives unless it turns hot
-HOT_TTL = 6 * 3600  # a hot entry's TTL slides up to this on every hit; a longer one is kept
-HOT_THRESHOLD = 10  # hits that make an entry hot
-LOCK_TTL = 10  # seconds a dead holder's lock blocks the others; a live holder renews it every LOCK_TTL / 3
-MAX_WAIT = 900  # seconds a waiter waits for a live holder before calling itself (the openai SDK times out at 600)
-RETRY_AFTER = 5  # seconds to leave a failed Redis alone: an outage costs one timeout, not one per call
-REDIS_TIMEOUT = 0.5  # seconds, for the client made from REDIS_URL: the most a frozen Redis costs a call
+DEFAULT_TTL = 24 * 3600  # an entry's lifetime unless it turns hot
+HOT_THRESHOLD = 10  # hits within HOT_WINDOW that make an entry hot
+HOT_WINDOW = 3600  # older hits don't count toward HOT_THRESHOLD
+HOT_TTL = 6 * 3600  # each hit on a hot entry extends its life to this from now, never shortens it (0: never)
+LOCK_TTL = 10  # how long a dead holder's lock blocks the others; a live holder renews it every LOCK_TTL / 3
+MAX_WAIT = 900  # how long a waiter waits for a live holder before calling itself (the openai SDK gives up at 600)
+STATS_TTL = 30 * 24 * 3600  # how long a PREFIX's statistics outlive its last hit or miss
+RETRY_AFTER = 5  # how long to leave a failed Redis alone: an outage costs one timeout, not one per call
+REDIS_TIMEOUT = 0.5  # socket timeouts of the client made from REDIS_URL: the most a frozen Redis costs a call
 DEFAULT_ENCODING = "cl100k_base"  # tiktoken's encoding for models it does not know
 
 log = logging.getLogger(__name__)
@@ -28,6 +41,9 @@ _down_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -
 _warned_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to warn of its errors again
 _flights: dict[tuple[int, str], _Flight] = {}  # (client, entry) -> the thread of this process leading it
 _wait_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> waiters' connections it may still open
+_encodings: dict[str, Any] = {}  # tiktoken encoding name -> the encoding, once loaded
+_loads: dict[str, float] = {}  # encoding name -> when its last load failed (inf while one runs)
+_MAX_SECONDS = (2**63 - 1) // 1000 - 2**32  # Redis refuses expiries past 2**63 - 1 ms after 1970 (2**32 s to spare)
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode  # built once
 
 
@@ -37,17 +53,46 @@ class _Flight:
     __slots__ = ("ended", "data", "error", "traceback", "leader")
 
     def __init__(self) -> None:
-        self.ended, self.data, self.error, self.traceback = threading.Lock(), None, None, None
+        self.ended = threading.Lock()
+        self.data: str | bytes | None = None
+        self.error: Exception | None = None
+        self.traceback: types.TracebackType | None = None
         self.ended.acquire()  # released when the leader has its answer (its JSON in data) or its exception
         self.leader = threading.get_ident()
 
 
-def _forget_flights() -> None:  # a forked child inherits the flights, but not the threads that would end them
+def _forget_flights() -> None:  # a forked child inherits the flights and loads, but not the threads that end them
     _flights.clear()
     _wait_slots.clear()
+    _loads.clear()
 
 
 os.register_at_fork(after_in_child=_forget_flights)
+
+
+class _Settings(NamedTuple):  # in the units Redis takes, in the order _READ takes them
+    lock_ms: int
+    hot_threshold: int
+    hot_ms: int
+    window_ms: int
+    stats_ms: int
+
+
+@functools.lru_cache(maxsize=16, typed=True)  # checked once per combination: a hit stays cheap
+def _settings(lock_ttl: Any, hot_threshold: Any, hot_ttl: Any, hot_window: Any, stats_ttl: Any) -> _Settings:
+    if isinstance(hot_threshold, bool) or not isinstance(hot_threshold, int) or hot_threshold < 1:
+        raise ValueError(f"HOT_THRESHOLD must be a whole number of hits, at least 1, got {hot_threshold!r}")
+    return _Settings(_ms("LOCK_TTL", lock_ttl), hot_threshold, _ms("HOT_TTL", hot_ttl, least=0),
+                     _ms("HOT_WINDOW", hot_window), _ms("STATS_TTL", stats_ttl))
+
+
+def _ms(name: str, seconds: Any, least: float = 0.001) -> int:
+    """seconds in the whole milliseconds Redis takes, or the error that says why they can't be."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(seconds).__name__}")
+    if not least <= seconds <= _MAX_SECONDS:  # also refuses nan
+        raise ValueError(f"{name} must be from {least} to {_MAX_SECONDS} seconds, got {seconds}")
+    return math.ceil(seconds * 1000)
 
 
 def _tag(hex2: str) -> str:
@@ -68,6 +113,8 @@ def _keys(messages: Any, model: Any, params: Any) -> list[str]:
         blob = _canonical([model, messages, params or {}])
     except (TypeError, ValueError) as e:
         raise TypeError(f"messages and params must be JSON-serializable: {e}") from None
+    except RecursionError:
+        raise ValueError("messages and params nest too deeply to be serialized") from None
     digest = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
     tag = _tag(digest[:2])
     return [tag + digest, tag + digest + ":lock", tag + digest + ":stored", tag + "stats"]
@@ -87,33 +134,56 @@ def _tokens(messages: list, model: str, value: Any) -> int:
             return 0
         return sum(len(encoding.encode(t, disallowed_special=())) for t in texts if isinstance(t, str))
     except Exception as e:  # statistics must never fail a call
-        log.warning("llm cache: counting 0 tokens for an answer of %r: %r", model, e)
+        log.warning("llm cache: counting 0 tokens for an answer of %r: %s: %.200s", model, type(e).__name__, e)
         return 0
 
 
-@functools.lru_cache(maxsize=None)  # one load, or one failed load and its warning, per model
 def _encoding(model: str) -> Any:
-    try:
-        import tiktoken  # needed only for answers that carry no usage
+    """tiktoken's encoding for model; None until a thread has loaded it: a download never holds up a call."""
+    import tiktoken  # needed only for answers that carry no usage
 
-        try:
-            return tiktoken.encoding_for_model(model)
-        except KeyError:
-            return tiktoken.get_encoding(DEFAULT_ENCODING)
-    except Exception as e:  # offline with no cached encoding, say
-        log.warning("llm cache: no tiktoken encoding for %r, its entries count 0 tokens: %r", model, e)
-        return None
+    try:
+        name = tiktoken.encoding_name_for_model(model)
+    except KeyError:
+        name = DEFAULT_ENCODING
+    encoding = _encodings.get(name)
+    if encoding is None and _loads.get(name, -math.inf) < time.monotonic() - 60:  # one load at a time, a minute apart
+        if not _loads:
+            log.warning("llm cache: answers without usage count 0 tokens until tiktoken has loaded %s", name)
+        _loads[name] = math.inf
+        if not _start(_load, tiktoken, name):
+            _loads[name] = time.monotonic()
+    return encoding
+
+
+def _load(tiktoken: types.ModuleType, name: str) -> None:
+    try:
+        _encodings[name] = tiktoken.get_encoding(name)
+    except Exception as e:  # offline with no cached file, say
+        log.info("llm cache: tiktoken could not load %s (%s: %.200s); trying again in a minute",
+                 name, type(e).__name__, e)
+        _loads[name] = time.monotonic()
 
 
 def _redis(client: Any) -> Any:
-    return client if client is not None else _from_url(os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
+    """The client to use; None if REDIS_URL names no Redis, which the calls treat as a Redis that is down."""
+    if client is None:
+        return _from_url(os.environ.get("REDIS_URL", "redis://localhost:6379/0"), REDIS_TIMEOUT)
+    if not isinstance(client, (redis.Redis, redis.RedisCluster)):
+        raise TypeError(f"client must be a redis.Redis or redis.RedisCluster, got {type(client).__name__}")
+    return client
 
 
-@functools.lru_cache(maxsize=None)
-def _from_url(url: str) -> redis.Redis:
+@functools.lru_cache(maxsize=None, typed=True)  # one client, or one error logged, per URL and timeout
+def _from_url(url: str, timeout: Any) -> redis.Redis | None:
+    seconds = _ms("REDIS_TIMEOUT", timeout) / 1000
     # A timeout is not retried (a frozen Redis costs one); a dropped connection is, once, so a restart is seamless.
     retry = redis.retry.Retry(redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
-    return redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, retry=retry)
+    try:
+        return redis.Redis.from_url(url, socket_timeout=seconds, socket_connect_timeout=seconds, retry=retry)
+    except ValueError as e:  # "notaurl", or the "" of a blank line in .env
+        log.error("llm cache: REDIS_URL is not a Redis URL (%s); every call goes to the model, uncached", e)
+        return None
 
 
 def _failed(r: Any, error: Exception) -> None:
@@ -136,15 +206,22 @@ def _exhausted(error: Exception) -> bool:
                                                                         "No connection available.")
 
 
-# KEYS: 1 entry hash {v = JSON, t = tokens it cost, h = its hits}, 2 its lock, 3 the stream its waiters block on,
-# 4 its stats shard.  ARGV: 1 lock token, 2 LOCK_TTL ms, 3 HOT_THRESHOLD, 4 HOT_TTL s, 5 (only after a read that
-# found a corrupt value) that value.
+class _Script:
+    """A Lua script and the SHA-1 that EVALSHA names it by."""
+
+    def __init__(self, source: bytes) -> None:
+        self.source, self.sha = source, hashlib.sha1(source).hexdigest()
+
+
+# KEYS: 1 entry hash {v = JSON, t = tokens it cost, w = times of its latest hits}, 2 its lock, 3 the stream its
+# waiters block on, 4 its stats shard.  ARGV: 1 lock token, 2-6 the _Settings, 7 the caller's clock in ms, 8 (only
+# after a read that found a corrupt value) that value.
 # Returns the value on a hit (counted), 0 if the caller now holds the lock, else the lock's ms to live.
-_READ = Script(None, b"""
-local e = redis.pcall('HMGET', KEYS[1], 'v', 't')
-if ARGV[5] then  -- the caller's last read was no hit (its tokens are taken back below, unless replaced meanwhile)
+_READ = _Script(b"""
+local e = redis.pcall('HMGET', KEYS[1], 'v', 't', 'w')
+if ARGV[8] then  -- the caller's last read was no hit (its tokens are taken back below, unless replaced meanwhile)
   redis.pcall('HINCRBY', KEYS[4], 'hits', -1)
-  if not e.err and e[1] == ARGV[5] then  -- still that value: a miss (never a newer one)
+  if not e.err and e[1] == ARGV[8] then  -- still that value: a miss (never a newer one)
     redis.pcall('HINCRBY', KEYS[4], 'tokens_saved', -(tonumber(e[2]) or 0))
     e = {}
   end
@@ -157,33 +234,42 @@ if e.err or not e[1] then  -- missing, or a key of another type that _FINISH ove
   end
   return math.max(redis.call('PTTL', KEYS[2]), 1)
 end
--- pcall: a Redis out of memory (noeviction) refuses the bookkeeping, but still serves the hit
-local hits = tonumber(redis.pcall('HINCRBY', KEYS[1], 'h', 1)) or 0
-if hits >= tonumber(ARGV[3]) and redis.call('TTL', KEYS[1]) < tonumber(ARGV[4]) then
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
+-- hot: HOT_THRESHOLD hits within HOT_WINDOW, by the callers' clocks (TIME would need an ACL category of its own);
+-- w keeps the times of the latest hits that may still count
+local recent = {}
+for t in string.gmatch(e[3] or '', '%d+') do
+  if tonumber(ARGV[7]) - tonumber(t) < tonumber(ARGV[5]) then recent[#recent + 1] = t end
 end
+recent[#recent + 1] = ARGV[7]
+if #recent >= tonumber(ARGV[3]) and redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+-- pcall: a Redis out of memory (noeviction) refuses the bookkeeping, but still serves the hit
+redis.pcall('HSET', KEYS[1], 'w', table.concat(recent, ' ', math.max(1, #recent - tonumber(ARGV[3]) + 2)))
 redis.pcall('HINCRBY', KEYS[4], 'hits', 1)
 redis.pcall('HINCRBY', KEYS[4], 'tokens_saved', e[2] or 0)
+redis.pcall('PEXPIRE', KEYS[4], ARGV[6])
 return e[1]
 """)
 # KEYS[1] a lock.  ARGV: 1 the holder's token, 2 LOCK_TTL ms.  Returns 1 if the lock was still the holder's.
-_RENEW = Script(None, b"""
+_RENEW = _Script(b"""
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """)
 # KEYS as _READ.  ARGV: 1 lock token, 2 JSON value ('' stores nothing), 3 its tokens, 4 ttl ms, 5 LOCK_TTL ms,
-# 6 (optional) the corrupt value the caller found.  The first answer stored wins: the value is stored
-# only over no entry, another type or that corrupt value, else the stored one is returned.  Releases the lock if
-# the caller still owns it, and wakes the waiters if either happened.
-_FINISH = Script(None, b"""
+# 6 STATS_TTL ms, 7 (optional) the corrupt value the caller found.  The first answer stored wins: the value is
+# stored only over no entry, another type or that corrupt value, else the stored one is returned.  Releases the
+# lock if the caller still owns it, and wakes the waiters if either happened.
+_FINISH = _Script(b"""
 local stored, wake = nil, false
 if ARGV[2] ~= '' then
   stored = redis.pcall('HGET', KEYS[1], 'v')
-  if type(stored) ~= 'string' or stored == ARGV[6] then
+  if type(stored) ~= 'string' or stored == ARGV[7] then
     redis.call('DEL', KEYS[1])
     redis.call('HSET', KEYS[1], 'v', ARGV[2], 't', ARGV[3])
     redis.call('PEXPIRE', KEYS[1], ARGV[4])
     redis.call('HINCRBY', KEYS[4], 'misses', 1)
+    redis.call('PEXPIRE', KEYS[4], ARGV[6])
     stored, wake = nil, true
   end
 end
@@ -196,15 +282,15 @@ return stored
 """)
 
 
-def _run(script: Script, r: Any, keys: list[str], *args: Any) -> Any:
+def _run(script: _Script, r: Any, keys: list[str], *args: Any) -> Any:
     """One round trip; replies undecoded. A pool with no connection free is waited on, up to LOCK_TTL."""
     give_up = None
     while True:
         try:
-            try:  # EVALSHA straight from the client: through Script.__call__ a hit measured 6-10% slower
+            try:  # EVALSHA straight from the client: through redis-py's Script a hit measured 6-10% slower
                 return r.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, NEVER_DECODE=True)
             except redis.exceptions.NoScriptError:  # a new or flushed server: EVAL runs the script and caches it
-                return r.execute_command("EVAL", script.script, len(keys), *keys, *args, NEVER_DECODE=True)
+                return r.execute_command("EVAL", script.source, len(keys), *keys, *args, NEVER_DECODE=True)
         except redis.ConnectionError as e:
             give_up = give_up or time.monotonic() + LOCK_TTL
             if not _exhausted(e) or time.monotonic() > give_up:
@@ -212,18 +298,20 @@ def _run(script: Script, r: Any, keys: list[str], *args: Any) -> Any:
             time.sleep(0.002)
 
 
-def _lookup(r: Any, keys: list[str], token: str, deadline: float) -> tuple[Any, bytes | None, tuple[bytes, ...]]:
+def _lookup(r: Any, keys: list[str], token: str, deadline: float,
+            s: _Settings) -> tuple[Any, bytes | None, tuple[bytes, ...]]:
     """The cached value and its JSON; or _MISS once the caller should call the model (holding the lock unless it
     waited until the deadline). Last, a corrupt value found on the way, which the caller's store may replace."""
-    corrupt, last_corrupt, conn, slots, slot, seen = (), (), None, None, False, "0-0"
+    corrupt: tuple[bytes, ...] = ()
+    last_corrupt, conn, slots, slot, seen = corrupt, None, None, False, "0-0"
     try:
         while True:
-            reply = _run(_READ, r, keys, token, int(LOCK_TTL * 1000), HOT_THRESHOLD, HOT_TTL, *last_corrupt)
+            reply = _run(_READ, r, keys, token, *s, int(time.time() * 1000), *last_corrupt)
             last_corrupt = ()
             if not isinstance(reply, int):
                 try:
                     return json.loads(reply), reply, corrupt
-                except ValueError:  # not JSON, or not UTF-8: the next read takes it back as a hit
+                except (ValueError, RecursionError):  # not JSON, or not UTF-8: the next read takes back its hit
                     corrupt = last_corrupt = (reply,)
                     continue
             left = deadline - time.monotonic()
@@ -258,15 +346,15 @@ def _lookup(r: Any, keys: list[str], token: str, deadline: float) -> tuple[Any, 
     finally:
         if conn is not None:
             conn.disconnect()
-        if slot:
+        if slot and slots is not None:
             slots.release()
 
 
-def _renew(r: Any, lock: str, token: str, done: threading.Event) -> None:
+def _renew(r: Any, lock: str, token: str, lock_ms: int, done: threading.Event) -> None:
     # python-redis-lock's auto_renewal: the holder's lock outlives any call, and dies with the holder's process
-    while not done.wait(LOCK_TTL / 3):
+    while not done.wait(lock_ms / 3000):
         try:
-            if not _run(_RENEW, r, [lock], token, int(LOCK_TTL * 1000)):
+            if not _run(_RENEW, r, [lock], token, lock_ms):
                 return  # not the holder (any more): the first answer stored wins
         except _ERRORS:
             pass  # Redis is away; if it stays away the lock expires, which costs a duplicate call at most
@@ -275,14 +363,11 @@ def _renew(r: Any, lock: str, token: str, done: threading.Event) -> None:
 def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl: float | None = None, *,
                client: redis.Redis | redis.RedisCluster | None = None, params: dict | None = None) -> Any:
     """call_fn()'s answer to this request, as JSON gives it back; the model is called only on a miss."""
-    ttl = DEFAULT_TTL if ttl is None else ttl
     keys = _keys(messages, model, params)
-    if not callable(call_fn):
-        raise TypeError(f"call_fn must be a callable taking no arguments, got {type(call_fn).__name__}")
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-        raise TypeError(f"ttl must be a positive number of seconds, got {type(ttl).__name__}")
-    if not 0 < ttl < math.inf:
-        raise ValueError(f"ttl must be a positive number of seconds, got {ttl}")
+    if not callable(call_fn) or _needs_arguments(call_fn):
+        raise TypeError(f"call_fn must be a callable taking no arguments, got {call_fn!r:.80}")
+    ttl_ms = _ms("DEFAULT_TTL", DEFAULT_TTL) if ttl is None else _ms("ttl", ttl)
+    s = _settings(LOCK_TTL, HOT_THRESHOLD, HOT_TTL, HOT_WINDOW, STATS_TTL)
     r = _redis(client)
     # Go's singleflight: one thread per process and request goes to Redis and the model, the others wait for it
     mine, flight_key, deadline = _Flight(), (id(r), keys[0]), time.monotonic() + MAX_WAIT
@@ -297,8 +382,8 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
                 raise _copied(flight.error).with_traceback(flight.traceback)
             if flight.data is not None:  # a hit in Redis now; if Redis can't answer, the leader's answer is the call
                 call_fn = functools.partial(json.loads, flight.data)
-            return _get_or_set(r, keys, messages, model, call_fn, ttl, deadline)[0]
-        result, mine.data = _get_or_set(r, keys, messages, model, call_fn, ttl, deadline)
+            return _get_or_set(r, keys, messages, model, call_fn, ttl_ms, s, deadline)[0]
+        result, mine.data = _get_or_set(r, keys, messages, model, call_fn, ttl_ms, s, deadline)
         return result
     except Exception as e:
         mine.error, mine.traceback = e, e.__traceback__
@@ -309,6 +394,17 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
         mine.ended.release()
 
 
+def _needs_arguments(fn: Callable) -> bool:
+    # read off a function's or method's code: inspect.signature costs 10-300 µs, more than a hit; other callables
+    # (a partial, a builtin) tell at the call
+    func = fn.__func__ if isinstance(fn, types.MethodType) else fn
+    code, given = getattr(func, "__code__", None), func is not fn  # a method's first argument is given
+    if not isinstance(code, types.CodeType):
+        return False
+    return (code.co_argcount - len(getattr(func, "__defaults__", None) or ()) > given
+            or code.co_kwonlyargcount > len(getattr(func, "__kwdefaults__", None) or {}))
+
+
 def _copied(error: Exception) -> Exception:
     try:
         return copy.copy(error)
@@ -316,14 +412,16 @@ def _copied(error: Exception) -> Exception:
         return error
 
 
-def _get_or_set(r: Any, keys: list[str], messages: list, model: str, call_fn: Callable[[], Any], ttl: float,
-                deadline: float) -> tuple[Any, str | bytes | None]:
+def _get_or_set(r: Any, keys: list[str], messages: list, model: str, call_fn: Callable[[], Any], ttl_ms: int,
+                s: _Settings, deadline: float) -> tuple[Any, str | bytes | None]:
     """The answer, and its JSON if it may be shared."""
-    token, may_hold, lost = secrets.token_hex(8), _down_until.get(r, 0) <= time.monotonic(), False
+    token, lost = secrets.token_hex(8), False
+    may_hold = r is not None and _down_until.get(r, 0) <= time.monotonic()
     corrupt: tuple[bytes, ...] = ()
+    data: str | bytes | None = None
     if may_hold:  # else Redis failed moments ago: don't wait on it again yet
         try:
-            value, data, corrupt = _lookup(r, keys, token, deadline)
+            value, data, corrupt = _lookup(r, keys, token, deadline, s)
             if _down_until.pop(r, None):
                 log.warning("llm cache: Redis answers again, caching resumed")
             if value is not _MISS:
@@ -333,9 +431,9 @@ def _get_or_set(r: Any, keys: list[str], messages: list, model: str, call_fn: Ca
             # a reply lost after the server ran the script may have given the caller the lock all the same:
             # then it renews, stores and releases like any holder (the owner check makes that safe)
             may_hold = lost = isinstance(e, redis.TimeoutError)
-    done, data = threading.Event(), None
+    done = threading.Event()
     if may_hold:
-        _start(_renew, r, keys[1], token, done)
+        _start(_renew, r, keys[1], token, s.lock_ms, done)
     try:
         result = call_fn()
         if not isinstance(result, Iterator):  # a stream is the caller's to consume, never cached
@@ -343,13 +441,13 @@ def _get_or_set(r: Any, keys: list[str], messages: list, model: str, call_fn: Ca
                 result = result.model_dump(mode="json")
             try:
                 data = json.dumps(result, separators=(",", ":"), allow_nan=False)
-            except (TypeError, ValueError) as e:
+                result = json.loads(data)  # exactly what a later hit returns
+            except (TypeError, ValueError, RecursionError) as e:
                 raise TypeError(f"call_fn returned a {type(result).__name__}, not JSON or pydantic: {e}") from None
-            result = json.loads(data)  # exactly what a later hit returns
     finally:  # also when call_fn raised: release the lock at once, so the next caller need not wait
         done.set()
         if may_hold:
-            args = (r, keys, token, data or "", _tokens(messages, model, result) if data else 0, ttl, corrupt)
+            args = (r, keys, token, data or "", _tokens(messages, model, result) if data else 0, ttl_ms, s, corrupt)
             if not (lost and _start(_finish, *args)):  # after a timeout, the caller doesn't wait for another
                 stored = _finish(*args)
                 if stored is not None:  # another worker's answer came first: everyone gets that one
@@ -357,15 +455,15 @@ def _get_or_set(r: Any, keys: list[str], messages: list, model: str, call_fn: Ca
     return result, data
 
 
-def _finish(r: Any, keys: list[str], token: str, data: str, tokens: int, ttl: float,
+def _finish(r: Any, keys: list[str], token: str, data: str | bytes, tokens: int, ttl_ms: int, s: _Settings,
             corrupt: tuple[bytes, ...]) -> tuple[Any, bytes] | None:
     """Store, release and wake; the answer stored before this one, if there was one."""
     try:
-        stored = _run(_FINISH, r, keys, token, data, tokens, math.ceil(ttl * 1000), int(LOCK_TTL * 1000), *corrupt)
+        stored = _run(_FINISH, r, keys, token, data, tokens, ttl_ms, s.lock_ms, s.stats_ms, *corrupt)
         return None if stored is None else (json.loads(stored), stored)
     except _ERRORS as e:
         _failed(r, e)
-    except ValueError:  # the first answer is corrupt; the next reader replaces it
+    except (ValueError, RecursionError):  # the first answer is corrupt; the next reader replaces it
         pass
     return None
 
@@ -380,7 +478,10 @@ def _start(target: Callable, *args: Any) -> bool:
 
 def stats(client: redis.Redis | redis.RedisCluster | None = None) -> dict[str, float]:
     """Hits, misses, hit_rate and tokens_saved under the current PREFIX. Redis errors are raised here."""
-    pipe = _redis(client).pipeline(transaction=False)
+    r = _redis(client)
+    if r is None:
+        raise ValueError("REDIS_URL is not a Redis URL (redis://, rediss:// or unix://)")
+    pipe = r.pipeline(transaction=False)
     for tag in range(256):
         pipe.hgetall(_tag(f"{tag:02x}") + "stats")
     totals = {"hits": 0, "misses": 0, "tokens_saved": 0}

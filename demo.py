@@ -5,7 +5,10 @@
 """
 from __future__ import annotations
 
-import os, random, time, uuid
+import os
+import random
+import time
+import uuid
 from urllib.parse import urlsplit
 
 import redis
@@ -21,14 +24,18 @@ QUESTIONS = ["What is the capital of France?", "Explain a Redis hash tag in one 
 def pick_redis() -> redis.Redis:
     url = os.environ.get("REDIS_URL")
     if url:
-        shown = f"{urlsplit(url).hostname}:{urlsplit(url).port or 6379}"  # never print a password
         try:
+            shown = f"{urlsplit(url).hostname}:{urlsplit(url).port or 6379}"  # never print a password
             client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-            client.ping()
-            print(f"Redis: {shown} (from REDIS_URL)")
-            return client
-        except redis.RedisError as e:
-            print(f"Redis: nothing usable at {shown} ({type(e).__name__}); using fakeredis in-process instead")
+        except ValueError as e:  # "notaurl", or a port that is no number
+            print(f"Redis: REDIS_URL is not a Redis URL ({e}); using fakeredis in-process instead")
+        else:
+            try:
+                client.ping()
+                print(f"Redis: {shown} (from REDIS_URL)")
+                return client
+            except redis.RedisError as e:
+                print(f"Redis: nothing usable at {shown} ({type(e).__name__}); using fakeredis in-process instead")
     else:
         print("Redis: REDIS_URL is not set; using fakeredis in-process (set REDIS_URL to use a real server)")
     import fakeredis

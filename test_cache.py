@@ -1,8 +1,25 @@
 """Tests for cache.py, on fakeredis and on real redis-server processes that the tests start and stop."""
 from __future__ import annotations
 
-import json, logging, math, multiprocessing, os, pathlib, random, shutil, signal, socket, subprocess, sys, threading
-import time, traceback, uuid
+import functools
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import pathlib
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import fakeredis
@@ -10,7 +27,10 @@ import openai
 import pydantic
 import pytest
 import redis
-from hypothesis import given, settings, strategies as st
+import redis.asyncio
+import tiktoken
+from hypothesis import given
+from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion
 from redis.crc import key_slot
 
@@ -19,7 +39,6 @@ import cache
 MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Capital of France?"}]
 ANSWER = {"choices": [{"message": {"role": "assistant", "content": "Paris."}}], "usage": {"total_tokens": 23}}
 FORK = multiprocessing.get_context("fork")
-SHARED_TIKTOKEN = pathlib.Path(__file__).resolve().parent.parent / "shared" / "tiktoken_cache"
 
 
 # ---------------------------------------------------------------- real servers the tests own
@@ -131,6 +150,23 @@ def client(request):
 def fresh_prefix(monkeypatch):
     """Every test writes under a prefix of its own, so no test flushes or sees another's keys."""
     monkeypatch.setattr(cache, "PREFIX", f"test:{uuid.uuid4().hex[:12]}:")
+
+
+def small_encoding(name, merges=()):
+    """A tiktoken encoding built here: every byte a token, plus the given merges. No file, no download."""
+    ranks = {bytes([b]): b for b in range(256)} | {m: 256 + i for i, m in enumerate(merges)}
+    return tiktoken.Encoding(name, pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={})
+
+
+BYTES = small_encoding("bytes")  # a token per byte
+PAIRS = small_encoding("pairs", [bytes([a, b]) for a in range(97, 123) for b in range(97, 123)])  # and per two letters
+
+
+@pytest.fixture(autouse=True)
+def encodings(monkeypatch):
+    """tiktoken's encodings at hand in every test, as small ones of the tests' own: no test loads or downloads one."""
+    monkeypatch.setattr(cache, "_encodings", {"cl100k_base": BYTES, "o200k_base": PAIRS})
+    monkeypatch.setattr(cache, "_loads", {})
 
 
 def counting(value=ANSWER):
@@ -248,22 +284,60 @@ def test_ttl_is_the_entry_lifetime(client):
 
 # ---------------------------------------------------------------- hit counting and hot keys
 
+def _hit_times(client, entry):
+    return (client.hget(entry, "w") or b"").split()
+
+
 def test_hits_are_counted_and_hot_entries_slide_to_hot_ttl(client, monkeypatch):
     monkeypatch.setattr(cache, "HOT_THRESHOLD", 3)
     monkeypatch.setattr(cache, "HOT_TTL", 1000)
     entry = cache._keys(MSGS, "m", None)[0]
     cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
-    assert client.hget(entry, "h") is None  # a miss is not a hit
+    assert _hit_times(client, entry) == []  # a miss is not a hit
     for n in (1, 2):
         cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
-        assert int(client.hget(entry, "h")) == n
+        assert len(_hit_times(client, entry)) == n
         assert 90 < client.ttl(entry) <= 100  # below the threshold a hit leaves the TTL alone
     cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
     assert 990 < client.ttl(entry) <= 1000  # the threshold-th hit makes it hot
     client.expire(entry, 500)  # time passes
     cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
     assert 990 < client.ttl(entry) <= 1000  # sliding: every hot hit extends it from now
-    assert int(client.hget(entry, "h")) == 4
+    assert len(_hit_times(client, entry)) == 2  # only the times that can still count are kept
+    assert cache.stats(client=client)["hits"] == 4
+
+
+@pytest.mark.parametrize("window, gap, hot", [(0.05, 0.06, False), (60, 0, True)], ids=["spread", "inside"])
+def test_only_hits_within_the_hot_window_make_an_entry_hot(client, monkeypatch, window, gap, hot):
+    monkeypatch.setattr(cache, "HOT_THRESHOLD", 3)
+    monkeypatch.setattr(cache, "HOT_TTL", 1000)
+    monkeypatch.setattr(cache, "HOT_WINDOW", window)
+    entry = cache._keys(MSGS, "m", None)[0]
+    cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    for _ in range(5):  # five hits, each `gap` after the last: wider than a 50 ms window, or inside a minute
+        time.sleep(gap)
+        cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    assert (client.ttl(entry) > 100) is hot
+    assert len(_hit_times(client, entry)) == (2 if hot else 1)  # hits older than the window are dropped
+
+
+def test_a_float_hot_ttl_works(client, monkeypatch, caplog):
+    monkeypatch.setattr(cache, "HOT_THRESHOLD", 1)
+    monkeypatch.setattr(cache, "HOT_TTL", 1.5 * 3600)
+    call_fn = counting()
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        for _ in range(3):
+            assert cache.get_or_set(MSGS, "m", call_fn, ttl=100, client=client) == ANSWER
+    assert call_fn.calls == 1 and caplog.records == []
+    assert 5390 < client.ttl(cache._keys(MSGS, "m", None)[0]) <= 5400
+
+
+def test_hot_ttl_zero_keeps_every_entry_to_its_ttl(client, monkeypatch):
+    monkeypatch.setattr(cache, "HOT_THRESHOLD", 1)
+    monkeypatch.setattr(cache, "HOT_TTL", 0)
+    for _ in range(5):
+        cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    assert 90 < client.ttl(cache._keys(MSGS, "m", None)[0]) <= 100
 
 
 def test_hot_promotion_never_shortens_a_longer_ttl(client, monkeypatch):
@@ -282,9 +356,9 @@ def test_a_new_answer_starts_its_hit_count_afresh(client, monkeypatch):
         cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
     client.hset(entry, "v", "{broken")  # corrupt: the next caller stores a new answer
     cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
-    assert client.hget(entry, "h") is None
+    assert _hit_times(client, entry) == []
     cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
-    assert int(client.hget(entry, "h")) == 1
+    assert len(_hit_times(client, entry)) == 1
     assert 90 < client.ttl(entry) <= 100
 
 
@@ -377,33 +451,165 @@ def test_a_flushed_script_cache_is_refilled_without_a_miss_or_warning(client, ca
     assert cache.stats(client=client)["hits"] == 1
 
 
-class Untouchable:
-    def __getattr__(self, name):
-        raise AssertionError(f"Redis was touched: {name}")
+class Untouchable(redis.Redis):
+    """A redis-py client that fails the test on any command."""
+
+    def __init__(self):
+        pass
+
+    def execute_command(self, *args, **options):
+        raise AssertionError(f"Redis was touched: {args[0]}")
+
+    def pipeline(self, *args, **options):
+        raise AssertionError("Redis was touched: pipeline")
+
+
+def nested(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+class Needy:
+    def ask(self, question):
+        return ANSWER
 
 
 @pytest.mark.parametrize("change, error, message", [
     ({"messages": "hello"}, TypeError, "messages must be a list of dicts"),
     ({"messages": [{"role": "user"}, "hello"]}, TypeError, "messages must be a list of dicts"),
     ({"messages": [{"content": object()}]}, TypeError, "JSON-serializable"),
+    ({"messages": [{"content": nested(100_000)}]}, ValueError, "nest too deeply"),
     ({"model": ""}, ValueError, "model must be a non-empty str"),
     ({"model": None}, TypeError, "model must be a non-empty str"),
-    ({"call_fn": "not callable"}, TypeError, "call_fn must be a callable"),
-    ({"ttl": 0}, ValueError, "ttl must be a positive number of seconds, got 0"),
-    ({"ttl": -5}, ValueError, "ttl must be a positive number of seconds, got -5"),
-    ({"ttl": math.nan}, ValueError, "ttl must be a positive number of seconds, got nan"),
-    ({"ttl": "60"}, TypeError, "ttl must be a positive number of seconds, got str"),
-    ({"ttl": True}, TypeError, "ttl must be a positive number of seconds, got bool"),
+    ({"call_fn": "not callable"}, TypeError, "call_fn must be a callable taking no arguments"),
+    ({"call_fn": lambda messages: ANSWER}, TypeError, "call_fn must be a callable taking no arguments"),
+    ({"call_fn": lambda *, model: ANSWER}, TypeError, "call_fn must be a callable taking no arguments"),
+    ({"call_fn": Needy().ask}, TypeError, "call_fn must be a callable taking no arguments"),
+    ({"ttl": 0}, ValueError, "ttl must be from 0.001 to 9223367741887479 seconds, got 0"),
+    ({"ttl": -5}, ValueError, "ttl must be from 0.001 to 9223367741887479 seconds, got -5"),
+    ({"ttl": math.nan}, ValueError, "ttl must be from 0.001 to 9223367741887479 seconds, got nan"),
+    ({"ttl": sys.maxsize}, ValueError, f"ttl must be from 0.001 to 9223367741887479 seconds, got {sys.maxsize}"),
+    ({"ttl": "60"}, TypeError, "ttl must be a number of seconds, got str"),
+    ({"ttl": True}, TypeError, "ttl must be a number of seconds, got bool"),
     ({"params": "temperature=0"}, TypeError, "params must be a dict or None"),
     ({"params": {"seed": object()}}, TypeError, "JSON-serializable"),
+    ({"params": {"seed": nested(100_000)}}, ValueError, "nest too deeply"),
+    ({"client": openai.OpenAI(api_key="x")}, TypeError, "client must be a redis.Redis or redis.RedisCluster, got "
+                                                        "OpenAI"),
+    ({"client": redis.asyncio.Redis()}, TypeError, "client must be a redis.Redis or redis.RedisCluster, got Redis"),
 ])
 def test_bad_arguments_fail_before_redis_or_the_model_is_touched(change, error, message):
     call_fn = counting()
-    args = {"messages": MSGS, "model": "m", "call_fn": call_fn, "ttl": 60, "params": None, **change}
+    args = {"messages": MSGS, "model": "m", "call_fn": call_fn, "ttl": 60, "params": None, "client": Untouchable(),
+            **change}
     with pytest.raises(error) as raised:
-        cache.get_or_set(**args, client=Untouchable())
+        cache.get_or_set(**args)
     assert message in str(raised.value)
     assert call_fn.calls == 0
+
+
+@pytest.mark.parametrize("setting, value, error, message", [
+    ("LOCK_TTL", 0, ValueError, "LOCK_TTL must be from 0.001 to 9223367741887479 seconds, got 0"),
+    ("LOCK_TTL", 0.0005, ValueError, "LOCK_TTL must be from 0.001"),
+    ("LOCK_TTL", "10", TypeError, "LOCK_TTL must be a number of seconds, got str"),
+    ("HOT_TTL", -1, ValueError, "HOT_TTL must be from 0 to"),
+    ("HOT_TTL", math.inf, ValueError, "HOT_TTL must be from 0 to 9223367741887479 seconds, got inf"),
+    ("HOT_WINDOW", 0, ValueError, "HOT_WINDOW must be from 0.001"),
+    ("HOT_THRESHOLD", 0, ValueError, "HOT_THRESHOLD must be a whole number of hits, at least 1, got 0"),
+    ("HOT_THRESHOLD", 2.5, ValueError, "HOT_THRESHOLD must be a whole number of hits, at least 1, got 2.5"),
+    ("STATS_TTL", math.nan, ValueError, "STATS_TTL must be from 0.001"),
+    ("DEFAULT_TTL", 10**20, ValueError, "DEFAULT_TTL must be from 0.001 to 9223367741887479 seconds"),
+])
+def test_a_bad_setting_fails_at_the_call_before_redis_or_the_model_is_touched(monkeypatch, setting, value, error,
+                                                                              message):
+    monkeypatch.setattr(cache, setting, value)
+    call_fn = counting()
+    with pytest.raises(error) as raised:
+        cache.get_or_set(MSGS, "m", call_fn, client=Untouchable())
+    assert message in str(raised.value)
+    assert call_fn.calls == 0
+
+
+class Answerer:
+    def __call__(self):
+        return ANSWER
+
+    def ask(self):
+        return ANSWER
+
+
+@pytest.mark.parametrize("call_fn", [
+    lambda: ANSWER, lambda p=1: ANSWER, lambda *args, **kwargs: ANSWER, lambda *, p=1: ANSWER, Answerer().ask,
+    Answerer(), functools.partial(dict, ANSWER), functools.partial(lambda a: a, ANSWER),
+], ids=["lambda", "default", "varargs", "keyword-default", "method", "object", "builtin-partial", "partial"])
+def test_any_callable_taking_no_arguments_is_accepted(client, call_fn):
+    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
+    assert cache.get_or_set(MSGS, "m", counting("wrong"), client=client) == ANSWER
+
+
+def test_the_largest_ttl_is_one_redis_accepts(client, caplog):
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        cache.get_or_set(MSGS, "m", counting(), ttl=cache._MAX_SECONDS, client=client)
+    keys = cache._keys(MSGS, "m", None)
+    assert client.ttl(keys[0]) > 10**15 and client.exists(keys[1]) == 0
+    assert caplog.records == []
+
+
+def test_a_deeply_nested_answer_is_a_type_error_and_stores_nothing(client):
+    with pytest.raises(TypeError) as raised:
+        cache.get_or_set(MSGS, "m", lambda: nested(100_000), client=client)
+    assert "not JSON" in str(raised.value)
+    keys = cache._keys(MSGS, "m", None)
+    assert client.exists(keys[0], keys[1]) == 0
+
+
+def test_a_deeply_nested_corrupt_entry_is_a_miss(client):
+    entry = cache._keys(MSGS, "m", None)[0]
+    client.hset(entry, mapping={"v": "[" * 100_000 + "]" * 100_000, "t": "3"})
+    call_fn = counting()
+    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
+    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
+    assert call_fn.calls == 1
+    assert cache.stats(client=client) == {"hits": 1, "misses": 1, "tokens_saved": 23, "hit_rate": 0.5}
+
+
+@pytest.mark.parametrize("url", ["notaurl", ""])
+def test_a_malformed_redis_url_is_a_redis_that_is_down(monkeypatch, caplog, url):
+    monkeypatch.setenv("REDIS_URL", url)
+    cache._from_url.cache_clear()
+    call_fn = counting()
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        assert cache.get_or_set(MSGS, "m", call_fn) == ANSWER
+        assert cache.get_or_set(MSGS, "m", call_fn) == ANSWER
+    assert call_fn.calls == 2
+    assert [(r.levelname, "REDIS_URL" in r.message) for r in caplog.records] == [("ERROR", True)]
+    with pytest.raises(ValueError) as raised:
+        cache.stats()
+    assert "REDIS_URL" in str(raised.value)
+
+
+def test_the_demo_falls_back_to_fakeredis_on_a_malformed_redis_url():
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"} | {"REDIS_URL": "notaurl"}
+    out = subprocess.run([sys.executable, "demo.py"], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=pathlib.Path(__file__).parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Redis: REDIS_URL is not a Redis URL")
+    assert "fakeredis in-process instead" in out.stdout.splitlines()[0]
+
+
+def test_redis_timeout_is_read_at_call_time(server, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", server.url)
+    for timeout in (0.25, 0.75):
+        monkeypatch.setattr(cache, "REDIS_TIMEOUT", timeout)
+        cache.get_or_set(MSGS, "m", counting())
+        kwargs = cache._redis(None).connection_pool.connection_kwargs
+        assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == timeout
+    monkeypatch.setattr(cache, "REDIS_TIMEOUT", 0)
+    with pytest.raises(ValueError) as raised:
+        cache.get_or_set(MSGS, "m", counting())
+    assert "REDIS_TIMEOUT must be from 0.001" in str(raised.value)
 
 
 def test_unreachable_redis_is_answered_by_the_model_with_a_warning(caplog):
@@ -888,7 +1094,7 @@ def test_a_server_refusing_waiters_connections_is_polled_not_taken_for_an_outage
             time.sleep(0.5)  # the pool has 2 connections, 1 waiter a third; the server refuses a fourth
             for q in questions:  # the holder stores its answers
                 cache._run(cache._FINISH, admin, cache._keys(q, "m", None), "elsewhere", json.dumps(ANSWER), 0,
-                           60_000, 10_000)
+                           60_000, 10_000, 60_000)
             for w in waiters:
                 w.join(timeout=30)
         assert answers == [ANSWER] * 8 and call_fn.calls == 0
@@ -1280,55 +1486,140 @@ def test_bumping_prefix_starts_fresh_stats(client, monkeypatch):
     assert cache.stats(client=client)["hits"] == 0
 
 
-@pytest.fixture
-def tiktoken_offline(monkeypatch):
-    """tiktoken reads cl100k_base from the shared cache when it exists; elsewhere it downloads it."""
-    if SHARED_TIKTOKEN.is_dir():
-        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
-    cache._encoding.cache_clear()
-    yield
-    cache._encoding.cache_clear()
+def test_stats_shards_live_for_stats_ttl_and_traffic_refreshes_them(client, monkeypatch):
+    monkeypatch.setattr(cache, "STATS_TTL", 1000)
+    shard = cache._keys(MSGS, "m", None)[3]
+    cache.get_or_set(MSGS, "m", counting(), client=client)  # a miss
+    assert 990 < client.ttl(shard) <= 1000
+    client.expire(shard, 5)
+    cache.get_or_set(MSGS, "m", counting(), client=client)  # a hit
+    assert 990 < client.ttl(shard) <= 1000
+    client.expire(shard, 5)
+    cache.get_or_set(MSGS, "other", counting(), client=client)  # another miss in the same shard, or not
+    other = cache._keys(MSGS, "other", None)[3]
+    assert 990 < client.ttl(other) <= 1000
+    assert cache.stats(client=client)["misses"] == 2
 
 
-@pytest.mark.parametrize("model", ["gpt-4", "some-local-llama"])  # a known model, and one tiktoken does not know
-def test_tokens_without_usage_are_counted_with_tiktoken_at_write_time(client, tiktoken_offline, model):
-    import tiktoken
+def test_a_store_whose_reply_was_lost_and_retried_counts_one_miss(server):
+    direct = server.client()
+    cache.get_or_set(MSGS, "warm", counting(), client=direct)  # loads the scripts
+    held = []
 
-    answer = {"choices": [{"message": {"role": "assistant", "content": "Paris is the capital of France."}}]}
-    encoding = tiktoken.get_encoding("cl100k_base")
-    expected = sum(len(encoding.encode(t)) for t in [m["content"] for m in MSGS] + ["Paris is the capital of France."])
-    cache.get_or_set(MSGS, model, counting(answer), client=client)
-    assert int(client.hget(cache._keys(MSGS, model, None)[0], "t")) == expected  # counted once, when stored
-    cache.get_or_set(MSGS, model, counting(answer), client=client)
-    cache.get_or_set(MSGS, model, counting(answer), client=client)
-    assert cache.stats(client=client)["tokens_saved"] == 2 * expected
+    def the_store_reply(data):  # the store's "nothing was stored before you" (nil); hold back the first
+        if data in (b"$-1\r\n", b"_\r\n") and not held:
+            held.append(data)
+            return True
+        return False
+
+    proxy = DelayingProxy(server.port, delay=0.5, when=the_store_reply)
+    timeouts_too = (redis.ConnectionError, redis.TimeoutError)  # as a Retry made without supported_errors
+    r = redis.Redis(port=proxy.port, socket_timeout=0.2, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 1,
+                                                                               supported_errors=timeouts_too))
+    call_fn = counting()
+    assert cache.get_or_set(MSGS, "m", call_fn, client=r) == ANSWER
+    proxy.close()
+    assert held and call_fn.calls == 1
+    stats = cache.stats(client=direct)
+    assert (stats["hits"], stats["misses"]) == (0, 2)  # "warm" and "m": the retried store was no second miss
 
 
-def test_a_plain_string_answer_is_counted_too(client, tiktoken_offline):
-    import tiktoken
+ANSWER_NO_USAGE = {"choices": [{"message": {"role": "assistant", "content": "Paris is the capital of France."}}]}
 
-    encoding = tiktoken.get_encoding("cl100k_base")
-    expected = sum(len(encoding.encode(t)) for t in [m["content"] for m in MSGS] + ["Paris."])
+
+def _counted(encoding, answer_text, messages=MSGS):
+    return sum(len(encoding.encode(m["content"])) for m in messages) + len(encoding.encode(answer_text))
+
+
+@pytest.mark.parametrize("model, default, expected", [
+    ("gpt-4", "cl100k_base", BYTES), ("gpt-4o", "cl100k_base", PAIRS),  # models tiktoken knows: their own encoding
+    ("some-local-llama", "cl100k_base", BYTES), ("some-local-llama", "o200k_base", PAIRS),  # others: the default
+])
+def test_tokens_without_usage_are_counted_once_at_write_time(client, monkeypatch, model, default, expected):
+    monkeypatch.setattr(cache, "DEFAULT_ENCODING", default)  # read at call time
+    tokens = _counted(expected, ANSWER_NO_USAGE["choices"][0]["message"]["content"])
+    assert _counted(BYTES, "Paris is the capital of France.") != _counted(PAIRS, "Paris is the capital of France.")
+    cache.get_or_set(MSGS, model, counting(ANSWER_NO_USAGE), client=client)
+    assert int(client.hget(cache._keys(MSGS, model, None)[0], "t")) == tokens  # counted once, when stored
+    cache.get_or_set(MSGS, model, counting(ANSWER_NO_USAGE), client=client)
+    cache.get_or_set(MSGS, model, counting(ANSWER_NO_USAGE), client=client)
+    assert cache.stats(client=client)["tokens_saved"] == 2 * tokens
+
+
+def test_a_plain_string_answer_is_counted_too(client):
     cache.get_or_set(MSGS, "gpt-4", counting("Paris."), client=client)
     cache.get_or_set(MSGS, "gpt-4", counting("Paris."), client=client)
-    assert cache.stats(client=client)["tokens_saved"] == expected
+    assert cache.stats(client=client)["tokens_saved"] == _counted(BYTES, "Paris.")
 
 
-def test_tiktoken_that_cannot_load_counts_zero_with_one_warning(client, tmp_path, monkeypatch, caplog):
-    import tiktoken.registry
+def _ask_new(client, n, answer="Paris."):
+    messages = [{"role": "user", "content": f"question {n}"}]
+    assert cache.get_or_set(messages, "gpt-4", counting(answer), client=client) == answer
+    return int(client.hget(cache._keys(messages, "gpt-4", None)[0], "t")), _counted(BYTES, answer, messages)
 
-    cache._encoding.cache_clear()
-    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget what this process loaded already,
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # find nothing on disk,
-    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{_free_port()}")  # and no way to download
-    with caplog.at_level(logging.WARNING, logger="cache"):
-        for question in ("a", "b", "c"):
-            messages = [{"role": "user", "content": question}]
-            assert cache.get_or_set(messages, "gpt-4", counting("answer"), client=client) == "answer"
-            assert cache.get_or_set(messages, "gpt-4", counting("wrong"), client=client) == "answer"
-    cache._encoding.cache_clear()
-    assert len([r for r in caplog.records if "tiktoken" in r.message]) == 1
-    assert cache.stats(client=client) == {"hits": 3, "misses": 3, "tokens_saved": 0, "hit_rate": 0.5}
+
+def test_a_stalled_encoding_download_never_holds_up_a_call(client, monkeypatch, caplog):
+    release, loads = threading.Event(), []
+
+    def stalled_download(name):  # tiktoken's download with no network answering, until released
+        loads.append(name)
+        release.wait(30)
+        return BYTES
+
+    monkeypatch.setattr(cache, "_encodings", {})
+    monkeypatch.setattr(tiktoken, "get_encoding", stalled_download)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cache"):
+            counts = [_ask_new(client, n)[0] for n in range(3)]
+        assert not release.is_set() and loads == ["cl100k_base"]  # answered while the one load still hangs
+        assert counts == [0, 0, 0]
+        assert [len(r.message) < 100 for r in caplog.records] == [True]  # one short warning
+    finally:
+        release.set()
+    _until(lambda: "cl100k_base" in cache._encodings)
+    counted, tokens = _ask_new(client, 3)
+    assert counted == tokens  # exact once the encoding is at hand
+
+
+def test_a_failed_encoding_load_counts_zero_and_is_tried_again_a_minute_later(client, monkeypatch, caplog):
+    loads = []
+
+    def offline(name):
+        loads.append(name)
+        if len(loads) == 1:
+            raise OSError("no network")
+        return BYTES
+
+    monkeypatch.setattr(cache, "_encodings", {})
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with caplog.at_level(logging.INFO, logger="cache"):
+        assert _ask_new(client, 0)[0] == 0
+        _until(lambda: cache._loads.get("cl100k_base", math.inf) < math.inf)  # the load failed
+        assert _ask_new(client, 1)[0] == 0  # not tried again yet
+    assert loads == ["cl100k_base"]
+    assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"] and "OSError" in caplog.records[1].message
+    cache._loads["cl100k_base"] -= 61  # a minute later
+    assert _ask_new(client, 2)[0] == 0  # this one starts the load
+    _until(lambda: "cl100k_base" in cache._encodings)
+    counted, tokens = _ask_new(client, 3)
+    assert loads == ["cl100k_base"] * 2 and counted == tokens
+
+
+def test_the_real_cl100k_base_counts_tokens(client, monkeypatch):
+    """The one test that loads a real encoding: from tiktoken's cache only, never downloading it."""
+    blob = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") \
+        or os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    if not os.path.exists(os.path.join(cache_dir, hashlib.sha1(blob.encode()).hexdigest())):
+        reason = "cl100k_base is not in tiktoken's cache (set TIKTOKEN_CACHE_DIR to a directory holding it)"
+        pytest.fail(f"CI is set but {reason}") if os.environ.get("CI") else pytest.skip(reason)
+    monkeypatch.setattr(cache, "_encodings", {})
+    assert _ask_new(client, 0, "Hello world")[0] == 0  # the first answer counts 0 while the encoding loads
+    _until(lambda: "cl100k_base" in cache._encodings)
+    real = cache._encodings["cl100k_base"]
+    assert real.encode("hello world") == [15339, 1917]  # cl100k_base's own ids, not a stand-in's
+    counted, _ = _ask_new(client, 1, "Hello world")
+    assert counted == len(real.encode("question 1")) + len(real.encode("Hello world")) == 5
 
 
 # ---------------------------------------------------------------- the openai SDK, for real
