@@ -1608,9 +1608,9 @@ def test_a_failed_encoding_load_counts_zero_and_is_tried_again_a_minute_later(cl
 def test_the_real_cl100k_base_counts_tokens(client, monkeypatch):
     """The one test that loads a real encoding: from tiktoken's cache only, never downloading it."""
     blob = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") \
-        or os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    if not os.path.exists(os.path.join(cache_dir, hashlib.sha1(blob.encode()).hexdigest())):
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR",  # as tiktoken looks
+                               os.path.join(tempfile.gettempdir(), "data-gym-cache")))
+    if not cache_dir or not os.path.exists(os.path.join(cache_dir, hashlib.sha1(blob.encode()).hexdigest())):
         reason = "cl100k_base is not in tiktoken's cache (set TIKTOKEN_CACHE_DIR to a directory holding it)"
         pytest.fail(f"CI is set but {reason}") if os.environ.get("CI") else pytest.skip(reason)
     monkeypatch.setattr(cache, "_encodings", {})
