@@ -7,11 +7,14 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
 import os
+import reprlib
 import secrets
+import sys
 import threading
 import time
 import types
@@ -43,7 +46,9 @@ _flights: dict[tuple[int, str], _Flight] = {}  # (client, entry) -> the thread o
 _wait_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> waiters' connections it may still open
 _encodings: dict[str, Any] = {}  # tiktoken encoding name -> the encoding, once loaded
 _loads: dict[str, float] = {}  # encoding name -> when its last load failed (inf while one runs)
+_loading = threading.Lock()  # so that one thread starts a load, and one warns
 _MAX_SECONDS = (2**63 - 1) // 1000 - 2**32  # Redis refuses expiries past 2**63 - 1 ms after 1970 (2**32 s to spare)
+_MAX_WAIT = int(threading.TIMEOUT_MAX)  # the longest timeout a lock, an event or a socket takes
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode  # built once
 
 
@@ -62,6 +67,9 @@ class _Flight:
 
 
 def _forget_flights() -> None:  # a forked child inherits the flights and loads, but not the threads that end them
+    registry: Any = sys.modules.get("tiktoken.registry")
+    if registry is not None and math.inf in _loads.values():  # the parent's loading thread holds tiktoken's lock
+        registry._lock = threading.RLock()
     _flights.clear()
     _wait_slots.clear()
     _loads.clear()
@@ -79,19 +87,25 @@ class _Settings(NamedTuple):  # in the units Redis takes, in the order _READ tak
 
 
 @functools.lru_cache(maxsize=16, typed=True)  # checked once per combination: a hit stays cheap
-def _settings(lock_ttl: Any, hot_threshold: Any, hot_ttl: Any, hot_window: Any, stats_ttl: Any) -> _Settings:
-    if isinstance(hot_threshold, bool) or not isinstance(hot_threshold, int) or hot_threshold < 1:
-        raise ValueError(f"HOT_THRESHOLD must be a whole number of hits, at least 1, got {hot_threshold!r}")
-    return _Settings(_ms("LOCK_TTL", lock_ttl), hot_threshold, _ms("HOT_TTL", hot_ttl, least=0),
-                     _ms("HOT_WINDOW", hot_window), _ms("STATS_TTL", stats_ttl))
+def _settings(lock_ttl: Any, hot_threshold: Any, hot_ttl: Any, hot_window: Any, stats_ttl: Any, max_wait: Any,
+              retry_after: Any) -> _Settings:
+    if isinstance(hot_threshold, bool) or not isinstance(hot_threshold, int):
+        raise TypeError(f"HOT_THRESHOLD must be a whole number of hits, got {type(hot_threshold).__name__}")
+    if hot_threshold < 1:
+        raise ValueError(f"HOT_THRESHOLD must be at least 1, got {hot_threshold}")
+    _ms("MAX_WAIT", max_wait, least=0, most=_MAX_WAIT)
+    _ms("RETRY_AFTER", retry_after, least=0)
+    # the renewals, every LOCK_TTL / 3, must outpace a busy machine: under 0.1 s they lost the lock in tests
+    return _Settings(_ms("LOCK_TTL", lock_ttl, least=0.1, most=_MAX_WAIT), int(hot_threshold),
+                     _ms("HOT_TTL", hot_ttl, least=0), _ms("HOT_WINDOW", hot_window), _ms("STATS_TTL", stats_ttl))
 
 
-def _ms(name: str, seconds: Any, least: float = 0.001) -> int:
+def _ms(name: str, seconds: Any, least: float = 0.001, most: float = _MAX_SECONDS) -> int:
     """seconds in the whole milliseconds Redis takes, or the error that says why they can't be."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, got {type(seconds).__name__}")
-    if not least <= seconds <= _MAX_SECONDS:  # also refuses nan
-        raise ValueError(f"{name} must be from {least} to {_MAX_SECONDS} seconds, got {seconds}")
+    if not least <= seconds <= most:  # also refuses nan
+        raise ValueError(f"{name} must be from {least} to {most} seconds, got {seconds}")
     return math.ceil(seconds * 1000)
 
 
@@ -102,7 +116,7 @@ def _tag(hex2: str) -> str:
 
 def _keys(messages: Any, model: Any, params: Any) -> list[str]:
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise TypeError(f"messages must be a list of dicts, got {messages!r:.80}")
+        raise TypeError(f"messages must be a list of dicts, got {reprlib.repr(messages)}")
     if not isinstance(model, str):
         raise TypeError(f"model must be a non-empty str, got {type(model).__name__}")
     if not model:
@@ -140,26 +154,31 @@ def _tokens(messages: list, model: str, value: Any) -> int:
 
 def _encoding(model: str) -> Any:
     """tiktoken's encoding for model; None until a thread has loaded it: a download never holds up a call."""
-    import tiktoken  # needed only for answers that carry no usage
-
     try:
+        import tiktoken  # needed only for answers that carry no usage
+
         name = tiktoken.encoding_name_for_model(model)
-    except KeyError:
+    except (ImportError, KeyError):
         name = DEFAULT_ENCODING
     encoding = _encodings.get(name)
-    if encoding is None and _loads.get(name, -math.inf) < time.monotonic() - 60:  # one load at a time, a minute apart
-        if not _loads:
-            log.warning("llm cache: answers without usage count 0 tokens until tiktoken has loaded %s", name)
-        _loads[name] = math.inf
-        if not _start(_load, tiktoken, name):
+    if encoding is None:
+        with _loading:  # one load at a time, a minute after the last failed; one warning per process
+            due = _loads.get(name, -math.inf) < time.monotonic() - 60
+            if due and not _loads:
+                log.warning("llm cache: answers without usage count 0 tokens until tiktoken has loaded %s", name)
+            if due:
+                _loads[name] = math.inf
+        if due and not _start(_load, name):
             _loads[name] = time.monotonic()
     return encoding
 
 
-def _load(tiktoken: types.ModuleType, name: str) -> None:
+def _load(name: str) -> None:
     try:
+        import tiktoken
+
         _encodings[name] = tiktoken.get_encoding(name)
-    except Exception as e:  # offline with no cached file, say
+    except Exception as e:  # not installed, or offline with no cached file
         log.info("llm cache: tiktoken could not load %s (%s: %.200s); trying again in a minute",
                  name, type(e).__name__, e)
         _loads[name] = time.monotonic()
@@ -169,19 +188,23 @@ def _redis(client: Any) -> Any:
     """The client to use; None if REDIS_URL names no Redis, which the calls treat as a Redis that is down."""
     if client is None:
         return _from_url(os.environ.get("REDIS_URL", "redis://localhost:6379/0"), REDIS_TIMEOUT)
-    if not isinstance(client, (redis.Redis, redis.RedisCluster)):
+    if not isinstance(client, (redis.Redis, redis.RedisCluster)) or isinstance(client, (
+            redis.client.Pipeline, redis.cluster.ClusterPipeline)):
         raise TypeError(f"client must be a redis.Redis or redis.RedisCluster, got {type(client).__name__}")
     return client
 
 
-@functools.lru_cache(maxsize=None, typed=True)  # one client, or one error logged, per URL and timeout
+@functools.lru_cache(maxsize=16, typed=True)  # one client, or one error logged, per URL and timeout
 def _from_url(url: str, timeout: Any) -> redis.Redis | None:
-    seconds = _ms("REDIS_TIMEOUT", timeout) / 1000
+    seconds = _ms("REDIS_TIMEOUT", timeout, most=_MAX_WAIT) / 1000
     # A timeout is not retried (a frozen Redis costs one); a dropped connection is, once, so a restart is seamless.
     retry = redis.retry.Retry(redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
     try:
-        return redis.Redis.from_url(url, socket_timeout=seconds, socket_connect_timeout=seconds, retry=retry)
-    except ValueError as e:  # "notaurl", or the "" of a blank line in .env
+        client = redis.Redis.from_url(url, socket_timeout=seconds, socket_connect_timeout=seconds, retry=retry)
+        for name in ("socket_timeout", "socket_connect_timeout"):  # the URL's own, if it has them
+            _ms(f"REDIS_URL's {name}", client.connection_pool.connection_kwargs[name], most=_MAX_WAIT)
+        return client
+    except (TypeError, ValueError) as e:  # "notaurl", or the "" of a blank line in .env
         log.error("llm cache: REDIS_URL is not a Redis URL (%s); every call goes to the model, uncached", e)
         return None
 
@@ -213,7 +236,7 @@ class _Script:
         self.source, self.sha = source, hashlib.sha1(source).hexdigest()
 
 
-# KEYS: 1 entry hash {v = JSON, t = tokens it cost, w = times of its latest hits}, 2 its lock, 3 the stream its
+# KEYS: 1 entry hash {v = JSON, t = tokens it cost, w = its hot window}, 2 its lock, 3 the stream its
 # waiters block on, 4 its stats shard.  ARGV: 1 lock token, 2-6 the _Settings, 7 the caller's clock in ms, 8 (only
 # after a read that found a corrupt value) that value.
 # Returns the value on a hit (counted), 0 if the caller now holds the lock, else the lock's ms to live.
@@ -234,18 +257,19 @@ if e.err or not e[1] then  -- missing, or a key of another type that _FINISH ove
   end
   return math.max(redis.call('PTTL', KEYS[2]), 1)
 end
--- hot: HOT_THRESHOLD hits within HOT_WINDOW, by the callers' clocks (TIME would need an ACL category of its own);
--- w keeps the times of the latest hits that may still count
-local recent = {}
-for t in string.gmatch(e[3] or '', '%d+') do
-  if tonumber(ARGV[7]) - tonumber(t) < tonumber(ARGV[5]) then recent[#recent + 1] = t end
+-- hot: HOT_THRESHOLD hits in one HOT_WINDOW, a window that opens at a hit, by the callers' clocks (TIME would
+-- need an ACL category of its own); w = "<when the window opened> <its hits>"
+local opened, hits = string.match(e[3] or '', '^(%d+) (%d+)$')
+if opened and tonumber(ARGV[7]) - tonumber(opened) < tonumber(ARGV[5]) then
+  hits = tonumber(hits) + 1
+else
+  opened, hits = ARGV[7], 1
 end
-recent[#recent + 1] = ARGV[7]
-if #recent >= tonumber(ARGV[3]) and redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
+if hits >= tonumber(ARGV[3]) and redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end
 -- pcall: a Redis out of memory (noeviction) refuses the bookkeeping, but still serves the hit
-redis.pcall('HSET', KEYS[1], 'w', table.concat(recent, ' ', math.max(1, #recent - tonumber(ARGV[3]) + 2)))
+redis.pcall('HSET', KEYS[1], 'w', opened .. ' ' .. hits)
 redis.pcall('HINCRBY', KEYS[4], 'hits', 1)
 redis.pcall('HINCRBY', KEYS[4], 'tokens_saved', e[2] or 0)
 redis.pcall('PEXPIRE', KEYS[4], ARGV[6])
@@ -365,9 +389,10 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
     """call_fn()'s answer to this request, as JSON gives it back; the model is called only on a miss."""
     keys = _keys(messages, model, params)
     if not callable(call_fn) or _needs_arguments(call_fn):
-        raise TypeError(f"call_fn must be a callable taking no arguments, got {call_fn!r:.80}")
+        name = getattr(call_fn, "__qualname__", type(call_fn).__name__)
+        raise TypeError(f"call_fn must be a callable taking no arguments, got {name}")
     ttl_ms = _ms("DEFAULT_TTL", DEFAULT_TTL) if ttl is None else _ms("ttl", ttl)
-    s = _settings(LOCK_TTL, HOT_THRESHOLD, HOT_TTL, HOT_WINDOW, STATS_TTL)
+    s = _settings(LOCK_TTL, HOT_THRESHOLD, HOT_TTL, HOT_WINDOW, STATS_TTL, MAX_WAIT, RETRY_AFTER)
     r = _redis(client)
     # Go's singleflight: one thread per process and request goes to Redis and the model, the others wait for it
     mine, flight_key, deadline = _Flight(), (id(r), keys[0]), time.monotonic() + MAX_WAIT
@@ -396,13 +421,17 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
 
 def _needs_arguments(fn: Callable) -> bool:
     # read off a function's or method's code: inspect.signature costs 10-300 µs, more than a hit; other callables
-    # (a partial, a builtin) tell at the call
-    func = fn.__func__ if isinstance(fn, types.MethodType) else fn
-    code, given = getattr(func, "__code__", None), func is not fn  # a method's first argument is given
-    if not isinstance(code, types.CodeType):
-        return False
-    return (code.co_argcount - len(getattr(func, "__defaults__", None) or ()) > given
-            or code.co_kwonlyargcount > len(getattr(func, "__kwdefaults__", None) or {}))
+    # (a partial, a builtin, an object) tell at the call
+    func: Any = fn.__func__ if isinstance(fn, types.MethodType) else fn
+    given = func is not fn  # a method's first argument is given
+    while isinstance(code := getattr(func, "__code__", None), types.CodeType):
+        if (code.co_argcount - len(getattr(func, "__defaults__", None) or ()) > given
+                or code.co_kwonlyargcount > len(getattr(func, "__kwdefaults__", None) or {})):
+            return True
+        if not code.co_flags & inspect.CO_VARARGS:
+            return False
+        func = getattr(func, "__wrapped__", None)  # a decorator's *args passes them on (the openai SDK's create)
+    return False
 
 
 def _copied(error: Exception) -> Exception:
@@ -478,14 +507,15 @@ def _start(target: Callable, *args: Any) -> bool:
 
 def stats(client: redis.Redis | redis.RedisCluster | None = None) -> dict[str, float]:
     """Hits, misses, hit_rate and tokens_saved under the current PREFIX. Redis errors are raised here."""
-    r = _redis(client)
+    r, stats_ms = _redis(client), _ms("STATS_TTL", STATS_TTL)
     if r is None:
         raise ValueError("REDIS_URL is not a Redis URL (redis://, rediss:// or unix://)")
     pipe = r.pipeline(transaction=False)
-    for tag in range(256):
+    for tag in range(256):  # each shard's TTL is refreshed by its own hits and misses, and here
         pipe.hgetall(_tag(f"{tag:02x}") + "stats")
+        pipe.pexpire(_tag(f"{tag:02x}") + "stats", stats_ms)
     totals = {"hits": 0, "misses": 0, "tokens_saved": 0}
-    for shard in pipe.execute():
+    for shard in pipe.execute()[::2]:
         for field, n in shard.items():
             totals[field if isinstance(field, str) else field.decode()] += int(n)
     calls = totals["hits"] + totals["misses"]

@@ -1,6 +1,7 @@
 """Tests for cache.py, on fakeredis and on real redis-server processes that the tests start and stop."""
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
 import json
@@ -284,8 +285,10 @@ def test_ttl_is_the_entry_lifetime(client):
 
 # ---------------------------------------------------------------- hit counting and hot keys
 
-def _hit_times(client, entry):
-    return (client.hget(entry, "w") or b"").split()
+def _window_hits(client, entry):
+    """The hits of the entry's current hot window; None before its first hit."""
+    window = client.hget(entry, "w")
+    return None if window is None else int(window.split()[1])
 
 
 def test_hits_are_counted_and_hot_entries_slide_to_hot_ttl(client, monkeypatch):
@@ -293,17 +296,17 @@ def test_hits_are_counted_and_hot_entries_slide_to_hot_ttl(client, monkeypatch):
     monkeypatch.setattr(cache, "HOT_TTL", 1000)
     entry = cache._keys(MSGS, "m", None)[0]
     cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
-    assert _hit_times(client, entry) == []  # a miss is not a hit
+    assert _window_hits(client, entry) is None  # a miss is not a hit
     for n in (1, 2):
         cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
-        assert len(_hit_times(client, entry)) == n
+        assert _window_hits(client, entry) == n
         assert 90 < client.ttl(entry) <= 100  # below the threshold a hit leaves the TTL alone
     cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
     assert 990 < client.ttl(entry) <= 1000  # the threshold-th hit makes it hot
     client.expire(entry, 500)  # time passes
     cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
     assert 990 < client.ttl(entry) <= 1000  # sliding: every hot hit extends it from now
-    assert len(_hit_times(client, entry)) == 2  # only the times that can still count are kept
+    assert _window_hits(client, entry) == 4
     assert cache.stats(client=client)["hits"] == 4
 
 
@@ -318,7 +321,7 @@ def test_only_hits_within_the_hot_window_make_an_entry_hot(client, monkeypatch, 
         time.sleep(gap)
         cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
     assert (client.ttl(entry) > 100) is hot
-    assert len(_hit_times(client, entry)) == (2 if hot else 1)  # hits older than the window are dropped
+    assert _window_hits(client, entry) == (5 if hot else 1)  # each spread hit opens a window of its own
 
 
 def test_a_float_hot_ttl_works(client, monkeypatch, caplog):
@@ -356,9 +359,9 @@ def test_a_new_answer_starts_its_hit_count_afresh(client, monkeypatch):
         cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
     client.hset(entry, "v", "{broken")  # corrupt: the next caller stores a new answer
     cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
-    assert _hit_times(client, entry) == []
+    assert _window_hits(client, entry) is None
     cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
-    assert len(_hit_times(client, entry)) == 1
+    assert _window_hits(client, entry) == 1
     assert 90 < client.ttl(entry) <= 100
 
 
@@ -486,7 +489,10 @@ class Needy:
     ({"call_fn": "not callable"}, TypeError, "call_fn must be a callable taking no arguments"),
     ({"call_fn": lambda messages: ANSWER}, TypeError, "call_fn must be a callable taking no arguments"),
     ({"call_fn": lambda *, model: ANSWER}, TypeError, "call_fn must be a callable taking no arguments"),
-    ({"call_fn": Needy().ask}, TypeError, "call_fn must be a callable taking no arguments"),
+    ({"call_fn": Needy().ask}, TypeError, "call_fn must be a callable taking no arguments, got Needy.ask"),
+    ({"call_fn": openai.OpenAI(api_key="x").chat.completions.create}, TypeError,  # the method itself, unwrapped
+     "call_fn must be a callable taking no arguments, got Completions.create"),
+    ({"messages": nested(100_000)}, TypeError, "messages must be a list of dicts, got [[[[[["),
     ({"ttl": 0}, ValueError, "ttl must be from 0.001 to 9223367741887479 seconds, got 0"),
     ({"ttl": -5}, ValueError, "ttl must be from 0.001 to 9223367741887479 seconds, got -5"),
     ({"ttl": math.nan}, ValueError, "ttl must be from 0.001 to 9223367741887479 seconds, got nan"),
@@ -499,6 +505,8 @@ class Needy:
     ({"client": openai.OpenAI(api_key="x")}, TypeError, "client must be a redis.Redis or redis.RedisCluster, got "
                                                         "OpenAI"),
     ({"client": redis.asyncio.Redis()}, TypeError, "client must be a redis.Redis or redis.RedisCluster, got Redis"),
+    ({"client": redis.Redis().pipeline()}, TypeError, "client must be a redis.Redis or redis.RedisCluster, got "
+                                                      "Pipeline"),
 ])
 def test_bad_arguments_fail_before_redis_or_the_model_is_touched(change, error, message):
     call_fn = counting()
@@ -511,16 +519,20 @@ def test_bad_arguments_fail_before_redis_or_the_model_is_touched(change, error, 
 
 
 @pytest.mark.parametrize("setting, value, error, message", [
-    ("LOCK_TTL", 0, ValueError, "LOCK_TTL must be from 0.001 to 9223367741887479 seconds, got 0"),
-    ("LOCK_TTL", 0.0005, ValueError, "LOCK_TTL must be from 0.001"),
+    ("LOCK_TTL", 0, ValueError, f"LOCK_TTL must be from 0.1 to {int(threading.TIMEOUT_MAX)} seconds, got 0"),
+    ("LOCK_TTL", 0.05, ValueError, "LOCK_TTL must be from 0.1"),  # renewals every 17 ms lose the lock
+    ("LOCK_TTL", 1e12, ValueError, "LOCK_TTL must be from 0.1"),  # no thread can wait a third of it
     ("LOCK_TTL", "10", TypeError, "LOCK_TTL must be a number of seconds, got str"),
     ("HOT_TTL", -1, ValueError, "HOT_TTL must be from 0 to"),
     ("HOT_TTL", math.inf, ValueError, "HOT_TTL must be from 0 to 9223367741887479 seconds, got inf"),
     ("HOT_WINDOW", 0, ValueError, "HOT_WINDOW must be from 0.001"),
-    ("HOT_THRESHOLD", 0, ValueError, "HOT_THRESHOLD must be a whole number of hits, at least 1, got 0"),
-    ("HOT_THRESHOLD", 2.5, ValueError, "HOT_THRESHOLD must be a whole number of hits, at least 1, got 2.5"),
+    ("HOT_THRESHOLD", 0, ValueError, "HOT_THRESHOLD must be at least 1, got 0"),
+    ("HOT_THRESHOLD", 2.5, TypeError, "HOT_THRESHOLD must be a whole number of hits, got float"),
     ("STATS_TTL", math.nan, ValueError, "STATS_TTL must be from 0.001"),
     ("DEFAULT_TTL", 10**20, ValueError, "DEFAULT_TTL must be from 0.001 to 9223367741887479 seconds"),
+    ("MAX_WAIT", math.nan, ValueError, "MAX_WAIT must be from 0"),
+    ("MAX_WAIT", -2, ValueError, "MAX_WAIT must be from 0"),
+    ("RETRY_AFTER", "5", TypeError, "RETRY_AFTER must be a number of seconds, got str"),
 ])
 def test_a_bad_setting_fails_at_the_call_before_redis_or_the_model_is_touched(monkeypatch, setting, value, error,
                                                                               message):
@@ -575,7 +587,8 @@ def test_a_deeply_nested_corrupt_entry_is_a_miss(client):
     assert cache.stats(client=client) == {"hits": 1, "misses": 1, "tokens_saved": 23, "hit_rate": 0.5}
 
 
-@pytest.mark.parametrize("url", ["notaurl", ""])
+@pytest.mark.parametrize("url", ["notaurl", "", "redis://localhost:notaport", "redis://localhost?socket_timeout=-1",
+                                 "redis://localhost?socket_connect_timeout=1e12"])
 def test_a_malformed_redis_url_is_a_redis_that_is_down(monkeypatch, caplog, url):
     monkeypatch.setenv("REDIS_URL", url)
     cache._from_url.cache_clear()
@@ -597,6 +610,21 @@ def test_the_demo_falls_back_to_fakeredis_on_a_malformed_redis_url():
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("Redis: REDIS_URL is not a Redis URL")
     assert "fakeredis in-process instead" in out.stdout.splitlines()[0]
+
+
+class Tier(enum.IntEnum):
+    HOT = 2
+
+
+def test_an_int_subclass_is_a_setting_like_its_int(client, monkeypatch, caplog):
+    monkeypatch.setattr(cache, "HOT_THRESHOLD", Tier.HOT)
+    monkeypatch.setattr(cache, "HOT_TTL", 1000)
+    call_fn = counting()
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        for _ in range(3):
+            cache.get_or_set(MSGS, "m", call_fn, ttl=100, client=client)
+    assert call_fn.calls == 1 and caplog.records == []
+    assert client.ttl(cache._keys(MSGS, "m", None)[0]) > 100
 
 
 def test_redis_timeout_is_read_at_call_time(server, monkeypatch):
@@ -1501,6 +1529,16 @@ def test_stats_shards_live_for_stats_ttl_and_traffic_refreshes_them(client, monk
     assert cache.stats(client=client)["misses"] == 2
 
 
+def test_stats_refresh_every_shard_they_read(client, monkeypatch):
+    monkeypatch.setattr(cache, "STATS_TTL", 1000)
+    cache.get_or_set(MSGS, "m", counting(), client=client)
+    shard = cache._keys(MSGS, "m", None)[3]
+    client.expire(shard, 5)  # a shard its own traffic has not refreshed for a while
+    assert cache.stats(client=client)["misses"] == 1
+    assert 990 < client.ttl(shard) <= 1000
+    assert client.exists(cache._keys(MSGS, "n", None)[3]) == (shard == cache._keys(MSGS, "n", None)[3])
+
+
 def test_a_store_whose_reply_was_lost_and_retried_counts_one_miss(server):
     direct = server.client()
     cache.get_or_set(MSGS, "warm", counting(), client=direct)  # loads the scripts
@@ -1603,6 +1641,39 @@ def test_a_failed_encoding_load_counts_zero_and_is_tried_again_a_minute_later(cl
     _until(lambda: "cl100k_base" in cache._encodings)
     counted, tokens = _ask_new(client, 3)
     assert loads == ["cl100k_base"] * 2 and counted == tokens
+
+
+def test_a_fork_during_an_encoding_load_leaves_the_child_a_working_tiktoken(monkeypatch):
+    import tiktoken.registry
+
+    holding, release = threading.Event(), threading.Event()
+
+    def download(name):  # like tiktoken's own, it holds the registry's lock while it downloads
+        with tiktoken.registry._lock:
+            holding.set()
+            release.wait(30)
+        return BYTES
+
+    monkeypatch.setattr(cache, "_encodings", {})
+    monkeypatch.setattr(tiktoken, "get_encoding", download)
+    monkeypatch.setattr(tiktoken.registry, "_lock", tiktoken.registry._lock)  # restored after the test
+    cache._encoding("gpt-4")
+    assert holding.wait(30)
+    got = FORK.Value("i", -1)
+    child = FORK.Process(target=lambda: setattr(got, "value", int(tiktoken.registry._lock.acquire(timeout=5))))
+    child.start()
+    child.join(30)
+    release.set()
+    _until(lambda: "cl100k_base" in cache._encodings)
+    assert got.value == 1  # the child's tiktoken is not stuck behind the parent's thread
+
+
+def test_without_tiktoken_answers_count_zero_with_one_warning(client, monkeypatch, caplog):
+    monkeypatch.setattr(cache, "_encodings", {})
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # import tiktoken raises ImportError
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        assert [_ask_new(client, n)[0] for n in range(5)] == [0] * 5
+    assert len(caplog.records) == 1
 
 
 def test_the_real_cl100k_base_counts_tokens(client, monkeypatch):
