@@ -287,8 +287,8 @@ def test_ttl_is_the_entry_lifetime(client):
 
 def _window_hits(client, entry):
     """The hits of the entry's current hot window; None before its first hit."""
-    window = client.hget(entry, "w")
-    return None if window is None else int(window.split()[1])
+    hits = client.hget(entry, "n")
+    return None if hits is None else int(hits)
 
 
 def test_hits_are_counted_and_hot_entries_slide_to_hot_ttl(client, monkeypatch):
