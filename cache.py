@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -67,6 +66,8 @@ class _Flight:
 
 
 def _forget_flights() -> None:  # a forked child inherits the flights and loads, but not the threads that end them
+    global _loading
+    _loading = threading.Lock()
     registry: Any = sys.modules.get("tiktoken.registry")
     if registry is not None and math.inf in _loads.values():  # the parent's loading thread holds tiktoken's lock
         registry._lock = threading.RLock()
@@ -93,6 +94,8 @@ def _settings(lock_ttl: Any, hot_threshold: Any, hot_ttl: Any, hot_window: Any, 
         raise TypeError(f"HOT_THRESHOLD must be a whole number of hits, got {type(hot_threshold).__name__}")
     if hot_threshold < 1:
         raise ValueError(f"HOT_THRESHOLD must be at least 1, got {hot_threshold}")
+    if _ms("STATS_TTL", stats_ttl) <= _ms("HOT_WINDOW", hot_window):  # a shard's TTL is refreshed once a window
+        raise ValueError(f"STATS_TTL must be longer than HOT_WINDOW, got {stats_ttl} and {hot_window}")
     _ms("MAX_WAIT", max_wait, least=0, most=_MAX_WAIT)
     _ms("RETRY_AFTER", retry_after, least=0)
     # the renewals, every LOCK_TTL / 3, must outpace a busy machine: under 0.1 s they lost the lock in tests
@@ -163,11 +166,11 @@ def _encoding(model: str) -> Any:
     encoding = _encodings.get(name)
     if encoding is None:
         with _loading:  # one load at a time, a minute after the last failed; one warning per process
-            due = _loads.get(name, -math.inf) < time.monotonic() - 60
-            if due and not _loads:
-                log.warning("llm cache: answers without usage count 0 tokens until tiktoken has loaded %s", name)
+            due, first = _loads.get(name, -math.inf) < time.monotonic() - 60, not _loads
             if due:
                 _loads[name] = math.inf
+        if due and first:
+            log.warning("llm cache: answers without usage count 0 tokens until tiktoken has loaded %s", name)
         if due and not _start(_load, name):
             _loads[name] = time.monotonic()
     return encoding
@@ -265,20 +268,22 @@ end
 -- hot: HOT_THRESHOLD hits in one HOT_WINDOW, a window that opens at a hit, by the callers' clocks (TIME would
 -- need an ACL category of its own).  pcall: a Redis out of memory (noeviction) refuses the bookkeeping, but still
 -- serves the hit
-local hits = 1
-if tonumber(ARGV[7]) - (tonumber(e[3]) or 0) < tonumber(ARGV[5]) then
+local hits, age = 1, tonumber(ARGV[7]) - (tonumber(e[3]) or 0)
+if age >= 0 and age < tonumber(ARGV[5]) then  -- (a window a clock ahead of this one opened is no window)
   hits = tonumber(redis.pcall('HINCRBY', KEYS[1], 'n', 1)) or 0
-else  -- a new window; and the stats shard's TTL is refreshed, which needn't happen at every hit
+else
   redis.pcall('HSET', KEYS[1], 'w', ARGV[7], 'n', 1)
-  redis.pcall('PEXPIRE', KEYS[4], ARGV[6])
 end
--- slide by whole seconds, as EXPIRE would: a write per second, not per hit
+-- slide by whole seconds (or a hundredth of HOT_TTL, if less), as EXPIRE would: a write a second, not a hit
 local hot_ms = tonumber(ARGV[4])
 if hits >= tonumber(ARGV[3]) and redis.call('PTTL', KEYS[1]) < hot_ms - math.min(1000, hot_ms / 100) then
-  redis.call('PEXPIRE', KEYS[1], hot_ms)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])  -- the string: Lua would write a big number as 1e+17
 end
 redis.pcall('HINCRBY', KEYS[4], 'hits', 1)
 redis.pcall('HINCRBY', KEYS[4], 'tokens_saved', e[2] or 0)
+if hits == 1 then  -- a new window: the shard's TTL needs refreshing only once a HOT_WINDOW, and STATS_TTL is longer
+  redis.pcall('PEXPIRE', KEYS[4], ARGV[6])
+end
 return e[1]
 """)
 # KEYS[1] a lock.  ARGV: 1 the holder's token, 2 LOCK_TTL ms.  Returns 1 if the lock was still the holder's.
@@ -426,18 +431,15 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
 
 
 def _needs_arguments(fn: Callable) -> bool:
-    # read off a function's or method's code: inspect.signature costs 10-300 µs, more than a hit; other callables
-    # (a partial, a builtin, an object) tell at the call
+    # read off a function's or method's code: inspect.signature costs 10-300 µs, more than a hit. Other callables
+    # (a partial, a builtin, an object) tell at the call, and so does a decorator's (*args, **kwargs), which may
+    # supply what the function it wraps needs
     func: Any = fn.__func__ if isinstance(fn, types.MethodType) else fn
-    given = func is not fn  # a method's first argument is given
-    while isinstance(code := getattr(func, "__code__", None), types.CodeType):
-        if (code.co_argcount - len(getattr(func, "__defaults__", None) or ()) > given
-                or code.co_kwonlyargcount > len(getattr(func, "__kwdefaults__", None) or {})):
-            return True
-        if not code.co_flags & inspect.CO_VARARGS:
-            return False
-        func = getattr(func, "__wrapped__", None)  # a decorator's *args passes them on (the openai SDK's create)
-    return False
+    code, given = getattr(func, "__code__", None), func is not fn  # a method's first argument is given
+    if not isinstance(code, types.CodeType):
+        return False
+    return (code.co_argcount - len(getattr(func, "__defaults__", None) or ()) > given
+            or code.co_kwonlyargcount > len(getattr(func, "__kwdefaults__", None) or {}))
 
 
 def _copied(error: Exception) -> Exception:
@@ -513,15 +515,14 @@ def _start(target: Callable, *args: Any) -> bool:
 
 def stats(client: redis.Redis | redis.RedisCluster | None = None) -> dict[str, float]:
     """Hits, misses, hit_rate and tokens_saved under the current PREFIX. Redis errors are raised here."""
-    r, stats_ms = _redis(client), _ms("STATS_TTL", STATS_TTL)
+    r = _redis(client)
     if r is None:
         raise ValueError("REDIS_URL is not a Redis URL (redis://, rediss:// or unix://)")
     pipe = r.pipeline(transaction=False)
-    for tag in range(256):  # each shard's TTL is refreshed by its own hits and misses, and here
+    for tag in range(256):
         pipe.hgetall(_tag(f"{tag:02x}") + "stats")
-        pipe.pexpire(_tag(f"{tag:02x}") + "stats", stats_ms)
     totals = {"hits": 0, "misses": 0, "tokens_saved": 0}
-    for shard in pipe.execute()[::2]:
+    for shard in pipe.execute():
         for field, n in shard.items():
             totals[field if isinstance(field, str) else field.decode()] += int(n)
     calls = totals["hits"] + totals["misses"]

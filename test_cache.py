@@ -335,6 +335,29 @@ def test_a_float_hot_ttl_works(client, monkeypatch, caplog):
     assert 5390 < client.ttl(cache._keys(MSGS, "m", None)[0]) <= 5400
 
 
+def test_the_largest_hot_ttl_works(client, monkeypatch, caplog):
+    monkeypatch.setattr(cache, "HOT_THRESHOLD", 1)
+    monkeypatch.setattr(cache, "HOT_TTL", cache._MAX_SECONDS)  # ms that Lua would print as 9.2e+18
+    call_fn = counting()
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        for _ in range(3):
+            assert cache.get_or_set(MSGS, "m", call_fn, ttl=100, client=client) == ANSWER
+    assert call_fn.calls == 1 and caplog.records == []
+    assert client.ttl(cache._keys(MSGS, "m", None)[0]) > 10**15
+
+
+def test_a_window_opened_by_a_clock_ahead_is_no_window(client, monkeypatch):
+    monkeypatch.setattr(cache, "HOT_THRESHOLD", 3)
+    monkeypatch.setattr(cache, "HOT_TTL", 1000)
+    entry = cache._keys(MSGS, "m", None)[0]
+    cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    for opened in (int((time.time() + 3600) * 1000), "1.5e400"):  # a worker an hour ahead; a corrupt field
+        client.hset(entry, mapping={"w": opened, "n": 2})
+        cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+        assert _window_hits(client, entry) == 1  # this hit opened a window of its own
+        assert client.ttl(entry) <= 100
+
+
 def test_hot_ttl_zero_keeps_every_entry_to_its_ttl(client, monkeypatch):
     monkeypatch.setattr(cache, "HOT_THRESHOLD", 1)
     monkeypatch.setattr(cache, "HOT_TTL", 0)
@@ -490,8 +513,6 @@ class Needy:
     ({"call_fn": lambda messages: ANSWER}, TypeError, "call_fn must be a callable taking no arguments"),
     ({"call_fn": lambda *, model: ANSWER}, TypeError, "call_fn must be a callable taking no arguments"),
     ({"call_fn": Needy().ask}, TypeError, "call_fn must be a callable taking no arguments, got Needy.ask"),
-    ({"call_fn": openai.OpenAI(api_key="x").chat.completions.create}, TypeError,  # the method itself, unwrapped
-     "call_fn must be a callable taking no arguments, got Completions.create"),
     ({"messages": nested(100_000)}, TypeError, "messages must be a list of dicts, got [[[[[["),
     ({"ttl": 0}, ValueError, "ttl must be from 0.001 to 9223367741887479 seconds, got 0"),
     ({"ttl": -5}, ValueError, "ttl must be from 0.001 to 9223367741887479 seconds, got -5"),
@@ -533,6 +554,7 @@ def test_bad_arguments_fail_before_redis_or_the_model_is_touched(change, error, 
     ("MAX_WAIT", math.nan, ValueError, "MAX_WAIT must be from 0"),
     ("MAX_WAIT", -2, ValueError, "MAX_WAIT must be from 0"),
     ("RETRY_AFTER", "5", TypeError, "RETRY_AFTER must be a number of seconds, got str"),
+    ("STATS_TTL", 3600, ValueError, "STATS_TTL must be longer than HOT_WINDOW, got 3600 and 3600"),
 ])
 def test_a_bad_setting_fails_at_the_call_before_redis_or_the_model_is_touched(monkeypatch, setting, value, error,
                                                                               message):
@@ -551,11 +573,31 @@ class Answerer:
     def ask(self):
         return ANSWER
 
+    @classmethod
+    def ask_class(cls):
+        return ANSWER
+
+
+def injecting(f):  # a decorator that supplies the argument its function needs
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(ANSWER, *args, **kwargs)
+    return wrapper
+
+
+def retrying(f):  # a pass-through decorator, around a method
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+    return wrapper
+
 
 @pytest.mark.parametrize("call_fn", [
     lambda: ANSWER, lambda p=1: ANSWER, lambda *args, **kwargs: ANSWER, lambda *, p=1: ANSWER, Answerer().ask,
-    Answerer(), functools.partial(dict, ANSWER), functools.partial(lambda a: a, ANSWER),
-], ids=["lambda", "default", "varargs", "keyword-default", "method", "object", "builtin-partial", "partial"])
+    Answerer(), functools.partial(dict, ANSWER), functools.partial(lambda a: a, ANSWER), Answerer.ask_class,
+    injecting(lambda answer: answer), retrying(Answerer().ask), retrying(Answerer.ask_class),
+], ids=["lambda", "default", "varargs", "keyword-default", "method", "object", "builtin-partial", "partial",
+        "classmethod", "injecting-decorator", "decorated-method", "decorated-classmethod"])
 def test_any_callable_taking_no_arguments_is_accepted(client, call_fn):
     assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
     assert cache.get_or_set(MSGS, "m", counting("wrong"), client=client) == ANSWER
@@ -1516,27 +1558,31 @@ def test_bumping_prefix_starts_fresh_stats(client, monkeypatch):
 
 def test_stats_shards_live_for_stats_ttl_and_traffic_refreshes_them(client, monkeypatch):
     monkeypatch.setattr(cache, "STATS_TTL", 1000)
+    monkeypatch.setattr(cache, "HOT_WINDOW", 100)
     shard = cache._keys(MSGS, "m", None)[3]
     cache.get_or_set(MSGS, "m", counting(), client=client)  # a miss
     assert 990 < client.ttl(shard) <= 1000
     client.expire(shard, 5)
-    cache.get_or_set(MSGS, "m", counting(), client=client)  # a hit
+    cache.get_or_set(MSGS, "m", counting(), client=client)  # a hit that opens a hot window
     assert 990 < client.ttl(shard) <= 1000
     client.expire(shard, 5)
-    cache.get_or_set(MSGS, "other", counting(), client=client)  # another miss in the same shard, or not
-    other = cache._keys(MSGS, "other", None)[3]
-    assert 990 < client.ttl(other) <= 1000
+    cache.get_or_set(MSGS, "m", counting(), client=client)  # a hit in that window: at most once a window
+    assert client.ttl(shard) <= 5
+    cache.get_or_set(MSGS, "other", counting(), client=client)  # a miss, in this shard or another
+    assert 990 < client.ttl(cache._keys(MSGS, "other", None)[3]) <= 1000
     assert cache.stats(client=client)["misses"] == 2
 
 
-def test_stats_refresh_every_shard_they_read(client, monkeypatch):
+def test_an_expired_shard_comes_back_with_a_ttl(client, monkeypatch):
     monkeypatch.setattr(cache, "STATS_TTL", 1000)
+    monkeypatch.setattr(cache, "HOT_WINDOW", 100)
+    entry, shard = cache._keys(MSGS, "m", None)[0], cache._keys(MSGS, "m", None)[3]
     cache.get_or_set(MSGS, "m", counting(), client=client)
-    shard = cache._keys(MSGS, "m", None)[3]
-    client.expire(shard, 5)  # a shard its own traffic has not refreshed for a while
-    assert cache.stats(client=client)["misses"] == 1
+    client.delete(shard)  # expired after a quiet STATS_TTL, which closed the entry's window too
+    client.hdel(entry, "w", "n")
+    cache.get_or_set(MSGS, "m", counting(), client=client)
     assert 990 < client.ttl(shard) <= 1000
-    assert client.exists(cache._keys(MSGS, "n", None)[3]) == (shard == cache._keys(MSGS, "n", None)[3])
+    assert cache.stats(client=client)["hits"] == 1
 
 
 def test_a_store_whose_reply_was_lost_and_retried_counts_one_miss(server):
@@ -1666,6 +1712,16 @@ def test_a_fork_during_an_encoding_load_leaves_the_child_a_working_tiktoken(monk
     release.set()
     _until(lambda: "cl100k_base" in cache._encodings)
     assert got.value == 1  # the child's tiktoken is not stuck behind the parent's thread
+
+
+def test_a_child_forked_while_a_thread_claims_a_load_can_claim_one(monkeypatch):
+    monkeypatch.setattr(cache, "_loading", threading.Lock())
+    got = FORK.Value("i", -1)
+    with cache._loading:  # as a thread of this process would hold it, deciding on a load
+        child = FORK.Process(target=lambda: setattr(got, "value", int(cache._loading.acquire(timeout=5))))
+        child.start()
+        child.join(30)
+    assert got.value == 1
 
 
 def test_without_tiktoken_answers_count_zero_with_one_warning(client, monkeypatch, caplog):
