@@ -31,7 +31,7 @@ HOT_WINDOW = 3600  # older hits don't count toward HOT_THRESHOLD
 HOT_TTL = 6 * 3600  # each hit on a hot entry extends its life to this from now, never shortens it (0: never)
 LOCK_TTL = 10  # how long a dead holder's lock blocks the others; a live holder renews it every LOCK_TTL / 3
 MAX_WAIT = 900  # how long a waiter waits for a live holder before calling itself (the openai SDK gives up at 600)
-STATS_TTL = 30 * 24 * 3600  # how long a PREFIX's statistics outlive its last hit or miss
+STATS_TTL = 30 * 24 * 3600  # how long a stats shard outlives its last miss or window-opening hit (> HOT_WINDOW)
 RETRY_AFTER = 5  # how long to leave a failed Redis alone: an outage costs one timeout, not one per call
 REDIS_TIMEOUT = 0.5  # socket timeouts of the client made from REDIS_URL: the most a frozen Redis costs a call
 DEFAULT_ENCODING = "cl100k_base"  # tiktoken's encoding for models it does not know
@@ -47,7 +47,7 @@ _encodings: dict[str, Any] = {}  # tiktoken encoding name -> the encoding, once 
 _loads: dict[str, float] = {}  # encoding name -> when its last load failed (inf while one runs)
 _loading = threading.Lock()  # so that one thread starts a load, and one warns
 _MAX_SECONDS = (2**63 - 1) // 1000 - 2**32  # Redis refuses expiries past 2**63 - 1 ms after 1970 (2**32 s to spare)
-_MAX_WAIT = int(threading.TIMEOUT_MAX)  # the longest timeout a lock, an event or a socket takes
+_MAX_TIMEOUT = int(threading.TIMEOUT_MAX)  # the longest timeout a lock, an event or a socket takes
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode  # built once
 
 
@@ -94,13 +94,14 @@ def _settings(lock_ttl: Any, hot_threshold: Any, hot_ttl: Any, hot_window: Any, 
         raise TypeError(f"HOT_THRESHOLD must be a whole number of hits, got {type(hot_threshold).__name__}")
     if hot_threshold < 1:
         raise ValueError(f"HOT_THRESHOLD must be at least 1, got {hot_threshold}")
-    if _ms("STATS_TTL", stats_ttl) <= _ms("HOT_WINDOW", hot_window):  # a shard's TTL is refreshed once a window
-        raise ValueError(f"STATS_TTL must be longer than HOT_WINDOW, got {stats_ttl} and {hot_window}")
-    _ms("MAX_WAIT", max_wait, least=0, most=_MAX_WAIT)
+    _ms("MAX_WAIT", max_wait, least=0, most=_MAX_TIMEOUT)
     _ms("RETRY_AFTER", retry_after, least=0)
     # the renewals, every LOCK_TTL / 3, must outpace a busy machine: under 0.1 s they lost the lock in tests
-    return _Settings(_ms("LOCK_TTL", lock_ttl, least=0.1, most=_MAX_WAIT), int(hot_threshold),
-                     _ms("HOT_TTL", hot_ttl, least=0), _ms("HOT_WINDOW", hot_window), _ms("STATS_TTL", stats_ttl))
+    s = _Settings(_ms("LOCK_TTL", lock_ttl, least=0.1, most=_MAX_TIMEOUT), int(hot_threshold),
+                  _ms("HOT_TTL", hot_ttl, least=0), _ms("HOT_WINDOW", hot_window), _ms("STATS_TTL", stats_ttl))
+    if s.stats_ms <= s.window_ms:  # a shard's TTL is refreshed once a window
+        raise ValueError(f"STATS_TTL must be longer than HOT_WINDOW, got {stats_ttl} and {hot_window}")
+    return s
 
 
 def _ms(name: str, seconds: Any, least: float = 0.001, most: float = _MAX_SECONDS) -> int:
@@ -204,13 +205,13 @@ def _a_client(cls: type) -> bool:
 
 @functools.lru_cache(maxsize=16, typed=True)  # one client, or one error logged, per URL and timeout
 def _from_url(url: str, timeout: Any) -> redis.Redis | None:
-    seconds = _ms("REDIS_TIMEOUT", timeout, most=_MAX_WAIT) / 1000
+    seconds = _ms("REDIS_TIMEOUT", timeout, most=_MAX_TIMEOUT) / 1000
     # A timeout is not retried (a frozen Redis costs one); a dropped connection is, once, so a restart is seamless.
     retry = redis.retry.Retry(redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
     try:
         client = redis.Redis.from_url(url, socket_timeout=seconds, socket_connect_timeout=seconds, retry=retry)
         for name in ("socket_timeout", "socket_connect_timeout"):  # the URL's own, if it has them
-            _ms(f"REDIS_URL's {name}", client.connection_pool.connection_kwargs[name], most=_MAX_WAIT)
+            _ms(f"REDIS_URL's {name}", client.connection_pool.connection_kwargs[name], most=_MAX_TIMEOUT)
         return client
     except (TypeError, ValueError) as e:  # "notaurl", or the "" of a blank line in .env
         log.error("llm cache: REDIS_URL is not a Redis URL (%s); every call goes to the model, uncached", e)
@@ -412,7 +413,7 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
         if flight is not mine:
             if flight.leader == threading.get_ident():  # call_fn asked for its own request: don't wait for itself
                 deadline = time.monotonic()
-            elif flight.ended.acquire(timeout=min(MAX_WAIT, threading.TIMEOUT_MAX)):  # as a Redis waiter would
+            elif flight.ended.acquire(timeout=MAX_WAIT):  # as a Redis waiter would
                 flight.ended.release()
             if flight.error is not None:  # a copy where one can be made, so that each caller has its own traceback
                 raise _copied(flight.error).with_traceback(flight.traceback)

@@ -358,20 +358,14 @@ def test_a_window_opened_by_a_clock_ahead_is_no_window(client, monkeypatch):
         assert client.ttl(entry) <= 100
 
 
-def test_hot_ttl_zero_keeps_every_entry_to_its_ttl(client, monkeypatch):
-    monkeypatch.setattr(cache, "HOT_THRESHOLD", 1)
-    monkeypatch.setattr(cache, "HOT_TTL", 0)
+@pytest.mark.parametrize("threshold, hot_ttl, ttl", [(1, 0, 100), (2, 1000, 5000)],
+                         ids=["hot-ttl-zero-turns-promotion-off", "a-longer-ttl-is-kept"])
+def test_hot_hits_never_shorten_or_lengthen_a_ttl_they_should_not(client, monkeypatch, threshold, hot_ttl, ttl):
+    monkeypatch.setattr(cache, "HOT_THRESHOLD", threshold)
+    monkeypatch.setattr(cache, "HOT_TTL", hot_ttl)
     for _ in range(5):
-        cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
-    assert 90 < client.ttl(cache._keys(MSGS, "m", None)[0]) <= 100
-
-
-def test_hot_promotion_never_shortens_a_longer_ttl(client, monkeypatch):
-    monkeypatch.setattr(cache, "HOT_THRESHOLD", 2)
-    monkeypatch.setattr(cache, "HOT_TTL", 1000)
-    for _ in range(5):
-        cache.get_or_set(MSGS, "m", counting(), ttl=5000, client=client)
-    assert 4990 < client.ttl(cache._keys(MSGS, "m", None)[0]) <= 5000
+        cache.get_or_set(MSGS, "m", counting(), ttl=ttl, client=client)
+    assert ttl - 10 < client.ttl(cache._keys(MSGS, "m", None)[0]) <= ttl
 
 
 def test_a_new_answer_starts_its_hit_count_afresh(client, monkeypatch):
