@@ -1,12 +1,16 @@
 """Cache LLM calls in Redis: each distinct request calls the model once, for every worker of a fleet.
 
     out = get_or_set(messages, "gpt-4.1-mini", lambda: client.chat.completions.create(...).model_dump())
+    out = await aget_or_set(messages, "gpt-4.1-mini", lambda: aclient.chat.completions.create(...))
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 import hashlib
+import inspect
+import itertools
 import json
 import logging
 import math
@@ -18,10 +22,11 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, NamedTuple
 
 import redis
+import redis.asyncio
 
 # Durations are seconds, int or float. Every setting is read at call time: cache.HOT_TTL = 3600 applies next call.
 PREFIX = os.environ.get("LLM_CACHE_PREFIX", "llm:v1:")  # bump it ("llm:v2:") to orphan every entry, no flush
@@ -41,8 +46,10 @@ _MISS = object()  # a cached None, "" or [] is a hit
 _ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 _down_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to try it again
 _warned_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to warn of its errors again
-_flights: dict[tuple[int, str], _Flight] = {}  # (client, entry) -> the thread of this process leading it
+_flights: dict[tuple[int, str], _Flight] = {}  # (client, entry) -> the caller of this process leading it
 _wait_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> waiters' connections it may still open
+_loop_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> the clients made from REDIS_URL
+_tasks: set[asyncio.Task] = set()  # background tasks, held until they end
 _encodings: dict[str, Any] = {}  # tiktoken encoding name -> the encoding, once loaded
 _loads: dict[str, float] = {}  # encoding name -> when its last load failed (inf while one runs)
 _loading = threading.Lock()  # so that one thread starts a load, and one warns
@@ -52,17 +59,17 @@ _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_asci
 
 
 class _Flight:
-    """One thread's way to an answer, through Redis and maybe the model; the process's other askers wait on it."""
+    """One caller's way to an answer, through Redis and maybe the model; the process's other askers (threads, or
+    tasks of its event loop) wait on it."""
 
-    __slots__ = ("ended", "data", "error", "traceback", "leader")
+    __slots__ = ("ended", "leader", "joined", "counted", "data", "error", "traceback")
 
-    def __init__(self) -> None:
-        self.ended = threading.Lock()
-        self.data: str | bytes | None = None
+    def __init__(self, ended: threading.Event | asyncio.Event, leader: object) -> None:
+        self.ended, self.leader = ended, leader  # ended is set when the leader has its answer or its exception
+        self.joined, self.counted = itertools.count(), 0  # each follower takes a number; the leader counts them
+        self.data: str | bytes | None = None  # the answer's JSON, if it may be shared
         self.error: Exception | None = None
         self.traceback: types.TracebackType | None = None
-        self.ended.acquire()  # released when the leader has its answer (its JSON in data) or its exception
-        self.leader = threading.get_ident()
 
 
 def _forget_flights() -> None:  # a forked child inherits the flights and loads, but not the threads that end them
@@ -188,34 +195,46 @@ def _load(name: str) -> None:
         _loads[name] = time.monotonic()
 
 
-def _redis(client: Any) -> Any:
+def _redis(client: Any, sync: bool = True) -> Any:
     """The client to use; None if REDIS_URL names no Redis, which the calls treat as a Redis that is down."""
-    if client is None:
-        return _from_url(os.environ.get("REDIS_URL", "redis://localhost:6379/0"), REDIS_TIMEOUT)
-    if not _a_client(client.__class__):
-        raise TypeError(f"client must be a redis.Redis or redis.RedisCluster, got {type(client).__name__}")
-    return client
+    if client is not None:
+        if not _a_client(client.__class__, sync):
+            kind = "redis.Redis or redis.RedisCluster" if sync else "redis.asyncio.Redis or redis.asyncio.RedisCluster"
+            raise TypeError(f"client must be a {kind}, got {type(client).__name__}")
+        return client
+    url, timeout = os.environ.get("REDIS_URL", "redis://localhost:6379/0"), REDIS_TIMEOUT
+    if sync:
+        return _from_url(url, timeout)
+    made = _loop_clients.setdefault(asyncio.get_running_loop(), {})  # an asyncio client serves one loop only
+    if (url, timeout, type(timeout)) not in made:
+        made[url, timeout, type(timeout)] = _client(url, timeout, sync)
+    return made[url, timeout, type(timeout)]
 
 
 @functools.cache  # isinstance with the pipeline classes costs 2 µs a call
-def _a_client(cls: type) -> bool:
-    pipelines = (redis.client.Pipeline, redis.cluster.ClusterPipeline)
-    return issubclass(cls, (redis.Redis, redis.RedisCluster)) and not issubclass(cls, pipelines)
+def _a_client(cls: type, sync: bool) -> bool:
+    module: Any = redis if sync else redis.asyncio
+    pipelines = (module.client.Pipeline, module.cluster.ClusterPipeline)
+    return issubclass(cls, (module.Redis, module.RedisCluster)) and not issubclass(cls, pipelines)
 
 
-@functools.lru_cache(maxsize=16, typed=True)  # one client, or one error logged, per URL and timeout
-def _from_url(url: str, timeout: Any) -> redis.Redis | None:
+def _client(url: str, timeout: Any, sync: bool = True) -> Any:
+    """A client for the URL, or None, with one error logged, if it is no Redis URL."""
     seconds = _ms("REDIS_TIMEOUT", timeout, most=_MAX_TIMEOUT) / 1000
+    module: Any = redis if sync else redis.asyncio
     # A timeout is not retried (a frozen Redis costs one); a dropped connection is, once, so a restart is seamless.
-    retry = redis.retry.Retry(redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+    retry = module.retry.Retry(redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
     try:
-        client = redis.Redis.from_url(url, socket_timeout=seconds, socket_connect_timeout=seconds, retry=retry)
+        client = module.Redis.from_url(url, socket_timeout=seconds, socket_connect_timeout=seconds, retry=retry)
         for name in ("socket_timeout", "socket_connect_timeout"):  # the URL's own, if it has them
             _ms(f"REDIS_URL's {name}", client.connection_pool.connection_kwargs[name], most=_MAX_TIMEOUT)
         return client
     except (TypeError, ValueError) as e:  # "notaurl", or the "" of a blank line in .env
         log.error("llm cache: REDIS_URL is not a Redis URL (%s); every call goes to the model, uncached", e)
         return None
+
+
+_from_url = functools.lru_cache(maxsize=16, typed=True)(_client)  # one sync client, or one error, per URL and timeout
 
 
 def _failed(r: Any, error: Exception) -> None:
@@ -234,8 +253,8 @@ def _failed(r: Any, error: Exception) -> None:
 def _exhausted(error: Exception) -> bool:
     # a bounded pool with no connection free: this process is busy, Redis is fine (redis-py 5.0 raises a plain
     # ConnectionError, later ones MaxConnectionsError; BlockingConnectionPool's comes after its own timeout)
-    return isinstance(error, redis.ConnectionError) and str(error) in ("Too many connections",
-                                                                        "No connection available.")
+    return isinstance(error, redis.ConnectionError) and (type(error).__name__ == "MaxConnectionsError" or str(
+        error) in ("Too many connections", "No connection available."))
 
 
 class _Script:
@@ -246,19 +265,22 @@ class _Script:
 
 
 # KEYS: 1 entry hash {v = JSON, t = tokens it cost, w = when its hot window opened, n = its hits in it}, 2 its
-# lock, 3 the stream its waiters block on, 4 its stats shard.  ARGV: 1 lock token, 2-6 the _Settings, 7 the
-# caller's clock in ms, 8 (only after a read that found a corrupt value) that value.
-# Returns the value on a hit (counted), 0 if the caller now holds the lock, else the lock's ms to live.
+# lock, 3 the stream its waiters block on, 4 its stats shard.  ARGV: 1 lock token ('' to count hits only), 2-6
+# the _Settings, 7 the caller's clock in ms, 8 the hits to count (callers of one process that shared a trip),
+# 9 (only after a read that found a corrupt value) that value.
+# Returns the value on a hit (counted), 0 if the caller now holds the lock (or counts only), else the lock's ms
+# to live.
 _READ = _Script(b"""
 local e = redis.pcall('HMGET', KEYS[1], 'v', 't', 'w')
-if ARGV[8] then  -- the caller's last read was no hit (its tokens are taken back below, unless replaced meanwhile)
+if ARGV[9] then  -- the caller's last read was no hit (its tokens are taken back below, unless replaced meanwhile)
   redis.pcall('HINCRBY', KEYS[4], 'hits', -1)
-  if not e.err and e[1] == ARGV[8] then  -- still that value: a miss (never a newer one)
+  if not e.err and e[1] == ARGV[9] then  -- still that value: a miss (never a newer one)
     redis.pcall('HINCRBY', KEYS[4], 'tokens_saved', -(tonumber(e[2]) or 0))
     e = {}
   end
 end
 if e.err or not e[1] then  -- missing, or a key of another type that _FINISH overwrites
+  if ARGV[1] == '' then return 0 end
   -- the GET lets a client's retry of this very call keep the lock it took
   if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[2]) == ARGV[1] then
     redis.call('DEL', KEYS[3])
@@ -269,20 +291,21 @@ end
 -- hot: HOT_THRESHOLD hits in one HOT_WINDOW, a window that opens at a hit, by the callers' clocks (TIME would
 -- need an ACL category of its own).  pcall: a Redis out of memory (noeviction) refuses the bookkeeping, but still
 -- serves the hit
-local hits, age = 1, tonumber(ARGV[7]) - (tonumber(e[3]) or 0)
+local n = tonumber(ARGV[8])
+local hits, age = n, tonumber(ARGV[7]) - (tonumber(e[3]) or 0)
 if age >= 0 and age < tonumber(ARGV[5]) then  -- (a window a clock ahead of this one opened is no window)
-  hits = tonumber(redis.pcall('HINCRBY', KEYS[1], 'n', 1)) or 0
+  hits = tonumber(redis.pcall('HINCRBY', KEYS[1], 'n', n)) or 0
 else
-  redis.pcall('HSET', KEYS[1], 'w', ARGV[7], 'n', 1)
+  redis.pcall('HSET', KEYS[1], 'w', ARGV[7], 'n', n)
 end
 -- slide by whole seconds (or a hundredth of HOT_TTL, if less), as EXPIRE would: a write a second, not a hit
 local hot_ms = tonumber(ARGV[4])
 if hits >= tonumber(ARGV[3]) and redis.call('PTTL', KEYS[1]) < hot_ms - math.min(1000, hot_ms / 100) then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])  -- the string: Lua would write a big number as 1e+17
 end
-redis.pcall('HINCRBY', KEYS[4], 'hits', 1)
-redis.pcall('HINCRBY', KEYS[4], 'tokens_saved', e[2] or 0)
-if hits == 1 then  -- a new window: the shard's TTL needs refreshing only once a HOT_WINDOW, and STATS_TTL is longer
+redis.pcall('HINCRBY', KEYS[4], 'hits', n)
+redis.pcall('HINCRBY', KEYS[4], 'tokens_saved', (tonumber(e[2]) or 0) * n)
+if hits == n then  -- a new window: the shard's TTL needs refreshing only once a HOT_WINDOW, and STATS_TTL is longer
   redis.pcall('PEXPIRE', KEYS[4], ARGV[6])
 end
 return e[1]
@@ -318,117 +341,31 @@ return stored
 """)
 
 
-def _run(script: _Script, r: Any, keys: list[str], *args: Any) -> Any:
-    """One round trip; replies undecoded. A pool with no connection free is waited on, up to LOCK_TTL."""
-    give_up = None
-    while True:
-        try:
-            try:  # EVALSHA straight from the client: through redis-py's Script a hit measured 6-10% slower
-                return r.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, NEVER_DECODE=True)
-            except redis.exceptions.NoScriptError:  # a new or flushed server: EVAL runs the script and caches it
-                return r.execute_command("EVAL", script.source, len(keys), *keys, *args, NEVER_DECODE=True)
-        except redis.ConnectionError as e:
-            give_up = give_up or time.monotonic() + LOCK_TTL
-            if not _exhausted(e) or time.monotonic() > give_up:
-                raise
-            time.sleep(0.002)
-
-
-def _lookup(r: Any, keys: list[str], token: str, deadline: float,
-            s: _Settings) -> tuple[Any, bytes | None, tuple[bytes, ...]]:
-    """The cached value and its JSON; or _MISS once the caller should call the model (holding the lock unless it
-    waited until the deadline). Last, a corrupt value found on the way, which the caller's store may replace."""
-    corrupt: tuple[bytes, ...] = ()
-    last_corrupt, conn, slots, slot, seen = corrupt, None, None, False, "0-0"
-    try:
-        while True:
-            reply = _run(_READ, r, keys, token, *s, int(time.time() * 1000), *last_corrupt)
-            last_corrupt = ()
-            if not isinstance(reply, int):
-                try:
-                    return json.loads(reply), reply, corrupt
-                except (ValueError, RecursionError):  # not JSON, or not UTF-8: the next read takes back its hit
-                    corrupt = last_corrupt = (reply,)
-                    continue
-            left = deadline - time.monotonic()
-            if reply == 0 or left <= 0:
-                return _MISS, None, corrupt
-            # Sleep until the holder stores its answer or its lock expires. On a connection of the waiter's own,
-            # so that waiters never hold the pool's connections, but no more of them than the pool may open;
-            # past that, or if the server refuses one (maxclients), poll every 50 ms.
-            if slots is None:
-                pool = r.get_node_from_key(keys[2]).redis_connection.connection_pool \
-                    if isinstance(r, redis.RedisCluster) else r.connection_pool
-                slots = _wait_slots.setdefault(pool, threading.BoundedSemaphore(pool.max_connections))
-                slot = slots.acquire(blocking=False)
-                if slot:
-                    conn = pool.connection_class(**pool.connection_kwargs)
-                    timeout = conn.socket_timeout  # blocks last up to this, and the reply may take as long again
-                    conn.socket_timeout = 2 * timeout if timeout else None
-            if conn is None:
-                time.sleep(min(reply, left * 1000, 50) / 1000)
-                continue
-            block = max(1, int(min(reply, left * 1000, (timeout or 1) * 1000)))
-            try:  # from the last entry seen: one a late holder stored, and which expired since, wakes no one
-                conn.send_command("XREAD", "COUNT", 1, "BLOCK", block, "STREAMS", keys[2], seen)
-                woken = conn.read_response()  # RESP3 replies a map, RESP2 a list of [stream, entries]
-                if woken:
-                    seen = (next(iter(woken.values())) if isinstance(woken, dict) else woken[0][1])[-1][0]
-            except redis.TimeoutError:  # slow, or frozen: the next read tells
-                conn.disconnect()
-            except redis.ConnectionError:  # dropped, or refused (maxclients): poll once, then connect again
-                conn.disconnect()
-                time.sleep(min(reply, left * 1000, 50) / 1000)
-    finally:
-        if conn is not None:
-            conn.disconnect()
-        if slot and slots is not None:
-            slots.release()
-
-
-def _renew(r: Any, lock: str, token: str, lock_ms: int, done: threading.Event) -> None:
-    # python-redis-lock's auto_renewal: the holder's lock outlives any call, and dies with the holder's process
-    while not done.wait(lock_ms / 3000):
-        try:
-            if not _run(_RENEW, r, [lock], token, lock_ms):
-                return  # not the holder (any more): the first answer stored wins
-        except _ERRORS:
-            pass  # Redis is away; if it stays away the lock expires, which costs a duplicate call at most
-
-
 def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl: float | None = None, *,
                client: redis.Redis | redis.RedisCluster | None = None, params: dict | None = None) -> Any:
     """call_fn()'s answer to this request, as JSON gives it back; the model is called only on a miss."""
+    keys, ttl_ms, s = _checked(messages, model, call_fn, ttl, params)
+    io = _Blocking(_redis(client), call_fn)
+    return _now(_flow(io, keys, messages, model, ttl_ms, s, _Flight(threading.Event(), threading.get_ident())))
+
+
+async def aget_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl: float | None = None, *,
+                      client: redis.asyncio.Redis | redis.asyncio.RedisCluster | None = None,
+                      params: dict | None = None) -> Any:
+    """get_or_set for asyncio: call_fn may return an awaitable, and no wait blocks the event loop."""
+    keys, ttl_ms, s = _checked(messages, model, call_fn, ttl, params)
+    io = _Async(_redis(client, sync=False), call_fn)
+    return await _flow(io, keys, messages, model, ttl_ms, s, _Flight(asyncio.Event(), asyncio.current_task()))
+
+
+def _checked(messages: Any, model: Any, call_fn: Any, ttl: Any, params: Any) -> tuple[list[str], int, _Settings]:
+    """The request's keys, the entry's ttl and the settings, in ms; or the error that says what is wrong."""
     keys = _keys(messages, model, params)
     if not callable(call_fn) or _needs_arguments(call_fn):
         name = getattr(call_fn, "__qualname__", type(call_fn).__name__)
         raise TypeError(f"call_fn must be a callable taking no arguments, got {name}")
     ttl_ms = _ms("DEFAULT_TTL", DEFAULT_TTL) if ttl is None else _ms("ttl", ttl)
-    s = _settings(LOCK_TTL, HOT_THRESHOLD, HOT_TTL, HOT_WINDOW, STATS_TTL, MAX_WAIT, RETRY_AFTER)
-    r = _redis(client)
-    # Go's singleflight: one thread per process and request goes to Redis and the model, the others wait for it
-    mine, flight_key, deadline = _Flight(), (id(r), keys[0]), time.monotonic() + MAX_WAIT
-    try:
-        flight = _flights.setdefault(flight_key, mine)  # atomic: one dict operation
-        if flight is not mine:
-            if flight.leader == threading.get_ident():  # call_fn asked for its own request: don't wait for itself
-                deadline = time.monotonic()
-            elif flight.ended.acquire(timeout=MAX_WAIT):  # as a Redis waiter would
-                flight.ended.release()
-            if flight.error is not None:  # a copy where one can be made, so that each caller has its own traceback
-                raise _copied(flight.error).with_traceback(flight.traceback)
-            if flight.data is not None:  # a hit in Redis now; if Redis can't answer, the leader's answer is the call
-                call_fn = functools.partial(json.loads, flight.data)
-            return _get_or_set(r, keys, messages, model, call_fn, ttl_ms, s, deadline)[0]
-        result, mine.data = _get_or_set(r, keys, messages, model, call_fn, ttl_ms, s, deadline)
-        return result
-    except Exception as e:
-        mine.error, mine.traceback = e, e.__traceback__
-        raise
-    finally:  # with neither answer nor exception (a stream, say), each waiter makes its own call
-        if _flights.get(flight_key) is mine:  # not if a fork in call_fn forgot it
-            del _flights[flight_key]
-        mine.ended.release()
+    return keys, ttl_ms, _settings(LOCK_TTL, HOT_THRESHOLD, HOT_TTL, HOT_WINDOW, STATS_TTL, MAX_WAIT, RETRY_AFTER)
 
 
 def _needs_arguments(fn: Callable) -> bool:
@@ -443,6 +380,42 @@ def _needs_arguments(fn: Callable) -> bool:
             or code.co_kwonlyargcount > len(getattr(func, "__kwdefaults__", None) or {}))
 
 
+# The flow (coalesce, look up, lead or wait, call, store, release, wake) is written once, as coroutines that do
+# their I/O through `io`: _Blocking for get_or_set, whose coroutines never suspend, so that _now runs the flow
+# to its end in one step; _Async for aget_or_set, on the event loop.
+
+async def _flow(io: Any, keys: list[str], messages: list, model: str, ttl_ms: int, s: _Settings,
+                mine: _Flight) -> Any:
+    # Go's singleflight: one caller per process and request goes to Redis and the model, the others wait for it
+    flight_key, deadline = (id(io.r), keys[0]), time.monotonic() + MAX_WAIT
+    while (flight := _flights.setdefault(flight_key, mine)) is not mine:  # atomic: one dict operation
+        if flight.leader == mine.leader:  # call_fn asked for its own request: don't wait for itself
+            return (await _trip(io, keys, messages, model, ttl_ms, s, 0))[0]
+        number = next(flight.joined)
+        if not await io.join(flight):  # waited MAX_WAIT, as a Redis waiter would: call the model itself
+            return (await _trip(io, keys, messages, model, ttl_ms, s, 0))[0]
+        if flight.error is not None:  # a copy where one can be made, so that each caller has its own traceback
+            raise _copied(flight.error).with_traceback(flight.traceback)
+        if flight.data is not None:
+            if number >= flight.counted:  # joined as the leader counted its followers' hits
+                await _count(io, keys, s, 1)
+            return json.loads(flight.data)
+        # neither answer nor exception (a stream, or a cancelled leader): the next in line leads
+    try:
+        result, mine.data = await _trip(io, keys, messages, model, ttl_ms, s, deadline)
+    except Exception as e:
+        mine.error, mine.traceback = e, e.__traceback__
+        raise
+    finally:
+        if _flights.get(flight_key) is mine:  # not if a fork in call_fn forgot it
+            del _flights[flight_key]
+        mine.counted = next(mine.joined)
+        mine.ended.set()
+    if mine.counted and mine.data is not None:  # the followers were answered from Redis too: hits, in one trip
+        await _count(io, keys, s, mine.counted)
+    return result
+
+
 def _copied(error: Exception) -> Exception:
     try:
         return copy.copy(error)
@@ -450,16 +423,16 @@ def _copied(error: Exception) -> Exception:
         return error
 
 
-def _get_or_set(r: Any, keys: list[str], messages: list, model: str, call_fn: Callable[[], Any], ttl_ms: int,
-                s: _Settings, deadline: float) -> tuple[Any, str | bytes | None]:
-    """The answer, and its JSON if it may be shared."""
-    token, lost = secrets.token_hex(8), False
-    may_hold = r is not None and _down_until.get(r, 0) <= time.monotonic()
+async def _trip(io: Any, keys: list[str], messages: list, model: str, ttl_ms: int, s: _Settings,
+                deadline: float) -> tuple[Any, str | bytes | None]:
+    """The answer, and its JSON if it may be shared: from Redis, or from call_fn while holding the lock."""
+    r, token, lost = io.r, secrets.token_hex(8), False
     corrupt: tuple[bytes, ...] = ()
-    data: str | bytes | None = None
+    data: str | bytes | None
+    may_hold = r is not None and _down_until.get(r, 0) <= time.monotonic()
     if may_hold:  # else Redis failed moments ago: don't wait on it again yet
         try:
-            value, data, corrupt = _lookup(r, keys, token, deadline, s)
+            value, data, corrupt = await _lookup(io, keys, token, deadline, s)
             if _down_until.pop(r, None):
                 log.warning("llm cache: Redis answers again, caching resumed")
             if value is not _MISS:
@@ -469,41 +442,236 @@ def _get_or_set(r: Any, keys: list[str], messages: list, model: str, call_fn: Ca
             # a reply lost after the server ran the script may have given the caller the lock all the same:
             # then it renews, stores and releases like any holder (the owner check makes that safe)
             may_hold = lost = isinstance(e, redis.TimeoutError)
-    done = threading.Event()
-    if may_hold:
-        _start(_renew, r, keys[1], token, s.lock_ms, done)
+        except BaseException:  # cancelled or interrupted, maybe just after the script gave it the lock
+            io.later(_finish(io, keys, token, "", 0, ttl_ms, s, corrupt))
+            raise
+    result, data = None, None
     try:
-        result = call_fn()
-        if not isinstance(result, Iterator):  # a stream is the caller's to consume, never cached
-            if hasattr(result, "model_dump"):  # pydantic, such as the openai SDK's ChatCompletion
-                result = result.model_dump(mode="json")
-            try:
-                data = json.dumps(result, separators=(",", ":"), allow_nan=False)
-                result = json.loads(data)  # exactly what a later hit returns
-            except (TypeError, ValueError, RecursionError) as e:
-                raise TypeError(f"call_fn returned a {type(result).__name__}, not JSON or pydantic: {e}") from None
+        result, data = _json(await io.call((keys[1], token, s.lock_ms) if may_hold else None))
     finally:  # also when call_fn raised: release the lock at once, so the next caller need not wait
-        done.set()
         if may_hold:
-            args = (r, keys, token, data or "", _tokens(messages, model, result) if data else 0, ttl_ms, s, corrupt)
-            if not (lost and _start(_finish, *args)):  # after a timeout, the caller doesn't wait for another
-                stored = _finish(*args)
-                if stored is not None:  # another worker's answer came first: everyone gets that one
-                    result, data = stored
+            tokens = _tokens(messages, model, result) if data else 0
+            finishing = _finish(io, keys, token, data or "", tokens, ttl_ms, s, corrupt)
+            if lost:  # after a timeout, the caller doesn't wait for another
+                io.later(finishing)
+            elif (stored := await finishing) is not None:  # another worker's answer came first: everyone gets it
+                result, data = stored
     return result, data
 
 
-def _finish(r: Any, keys: list[str], token: str, data: str | bytes, tokens: int, ttl_ms: int, s: _Settings,
-            corrupt: tuple[bytes, ...]) -> tuple[Any, bytes] | None:
+def _json(result: Any) -> tuple[Any, str | None]:
+    """The answer as JSON gives it back, and that JSON; a stream is the caller's to consume, never cached."""
+    if isinstance(result, (Iterator, AsyncIterator)):
+        return result, None
+    if hasattr(result, "model_dump"):  # pydantic, such as the openai SDK's ChatCompletion
+        result = result.model_dump(mode="json")
+    try:
+        data = json.dumps(result, separators=(",", ":"), allow_nan=False)
+        return json.loads(data), data  # exactly what a later hit returns
+    except (TypeError, ValueError, RecursionError) as e:
+        raise TypeError(f"call_fn returned a {type(result).__name__}, not JSON or pydantic: {e}") from None
+
+
+async def _lookup(io: Any, keys: list[str], token: str, deadline: float,
+                  s: _Settings) -> tuple[Any, str | bytes | None, tuple[bytes, ...]]:
+    """The cached value and its JSON; or _MISS once the caller should call the model (holding the lock unless it
+    waited until the deadline). Last, a corrupt value found on the way, which the caller's store may replace."""
+    corrupt: tuple[bytes, ...] = ()
+    last_corrupt, conn, slots, slot, seen = corrupt, None, None, False, "0-0"
+    try:
+        while True:
+            reply = await _script(io, _READ, keys, token, *s, int(time.time() * 1000), 1, *last_corrupt)
+            last_corrupt = ()
+            if not isinstance(reply, int):
+                try:
+                    return json.loads(reply), reply, corrupt
+                except (ValueError, RecursionError):  # not JSON, or not UTF-8: the next read takes back its hit
+                    corrupt = last_corrupt = (reply,)
+                    continue
+            left = deadline - time.monotonic()
+            if reply == 0 or left <= 0:
+                return _MISS, None, corrupt
+            # Sleep until the holder stores its answer or its lock expires. On a connection of the waiter's own,
+            # so that waiters never hold the pool's connections, but no more of them than the pool may open;
+            # past that, or if the server refuses one (maxclients), poll every 50 ms.
+            if slots is None:
+                owner, pool = _pool(io.r, keys[2])
+                slots = _wait_slots.setdefault(owner, threading.BoundedSemaphore(pool.max_connections))
+                slot = slots.acquire(blocking=False)
+                if slot:
+                    conn = pool.connection_class(**pool.connection_kwargs)
+                    timeout = conn.socket_timeout  # blocks last up to this, and the reply may take as long again
+                    conn.socket_timeout = 2 * timeout if timeout else None
+            if conn is None:
+                await io.sleep(min(reply, left * 1000, 50) / 1000)
+                continue
+            block = max(1, int(min(reply, left * 1000, (timeout or 1) * 1000)))
+            try:  # from the last entry seen: one a late holder stored, and which expired since, wakes no one
+                woken = await io.xread(conn, "XREAD", "COUNT", 1, "BLOCK", block, "STREAMS", keys[2], seen)
+                if woken:  # RESP3 replies a map, RESP2 a list of [stream, entries]
+                    seen = (next(iter(woken.values())) if isinstance(woken, dict) else woken[0][1])[-1][0]
+            except redis.TimeoutError:  # slow, or frozen: the next read tells
+                await io.close(conn)
+            except redis.ConnectionError:  # dropped, or refused (maxclients): poll once, then connect again
+                await io.close(conn)
+                await io.sleep(min(reply, left * 1000, 50) / 1000)
+    finally:
+        if conn is not None:
+            await io.close(conn)
+        if slot and slots is not None:
+            slots.release()
+
+
+def _pool(r: Any, key: str) -> tuple[Any, Any]:
+    """Whose waiters' connections are counted, and what makes them: connection_class, _kwargs, max_connections."""
+    if isinstance(r, redis.RedisCluster):
+        pool = r.get_node_from_key(key).redis_connection.connection_pool
+        return pool, pool
+    if isinstance(r, redis.asyncio.RedisCluster):  # a node makes its own connections, and takes no weak reference
+        return r, r.get_node_from_key(key)
+    return r.connection_pool, r.connection_pool
+
+
+async def _script(io: Any, script: _Script, keys: list[str], *args: Any) -> Any:
+    """One round trip; replies undecoded. A pool with no connection free is waited on, up to LOCK_TTL."""
+    give_up = None
+    while True:
+        try:
+            try:  # EVALSHA straight from the client: through redis-py's Script a hit measured 6-10% slower
+                return await io.command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:  # a new or flushed server: EVAL runs the script and caches it
+                return await io.command("EVAL", script.source, len(keys), *keys, *args)
+        except redis.ConnectionError as e:
+            give_up = give_up or time.monotonic() + LOCK_TTL
+            if not _exhausted(e) or time.monotonic() > give_up:
+                raise
+            await io.sleep(0.002)
+
+
+async def _renewal(io: Any, lock: str, token: str, lock_ms: int) -> None:
+    # python-redis-lock's auto_renewal: the holder's lock outlives any call, and dies with the holder's process
+    while await io.holding(lock_ms / 3000):
+        try:
+            if not await _script(io, _RENEW, [lock], token, lock_ms):
+                return  # not the holder (any more): the first answer stored wins
+        except _ERRORS:
+            pass  # Redis is away; if it stays away the lock expires, which costs a duplicate call at most
+
+
+async def _finish(io: Any, keys: list[str], token: str, data: str | bytes, tokens: int, ttl_ms: int, s: _Settings,
+                  corrupt: tuple[bytes, ...]) -> tuple[Any, bytes] | None:
     """Store, release and wake; the answer stored before this one, if there was one."""
     try:
-        stored = _run(_FINISH, r, keys, token, data, tokens, ttl_ms, s.lock_ms, s.stats_ms, *corrupt)
+        stored = await _script(io, _FINISH, keys, token, data, tokens, ttl_ms, s.lock_ms, s.stats_ms, *corrupt)
         return None if stored is None else (json.loads(stored), stored)
     except _ERRORS as e:
-        _failed(r, e)
+        _failed(io.r, e)
     except (ValueError, RecursionError):  # the first answer is corrupt; the next reader replaces it
         pass
     return None
+
+
+async def _count(io: Any, keys: list[str], s: _Settings, hits: int) -> None:
+    """Counts hits on the entry (statistics, hot window) for callers answered by another caller's trip."""
+    if io.r is not None and _down_until.get(io.r, 0) <= time.monotonic():
+        try:
+            await _script(io, _READ, keys, "", *s, int(time.time() * 1000), hits)
+        except _ERRORS as e:
+            _failed(io.r, e)
+
+
+class _Blocking:
+    """The flow's I/O for get_or_set: blocking sockets, and threads for what runs beside the caller."""
+
+    def __init__(self, r: Any, call_fn: Callable[[], Any]) -> None:
+        self.r, self.call_fn, self.done = r, call_fn, threading.Event()
+
+    async def command(self, *args: Any) -> Any:
+        return self.r.execute_command(*args, NEVER_DECODE=True)
+
+    async def xread(self, conn: Any, *args: Any) -> Any:
+        conn.send_command(*args)
+        return conn.read_response()
+
+    async def close(self, conn: Any) -> None:
+        conn.disconnect()
+
+    async def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    async def holding(self, seconds: float) -> bool:  # False once the call is done
+        return not self.done.wait(seconds)
+
+    async def join(self, flight: _Flight) -> bool:
+        return flight.ended.wait(MAX_WAIT)  # type: ignore[call-arg,return-value]
+
+    async def call(self, lock: tuple[str, str, int] | None) -> Any:
+        renewal = _renewal(self, *lock) if lock else None
+        if renewal and not _start(_now, renewal):  # no thread to be had (at interpreter shutdown, say)
+            renewal.close()
+        try:
+            return self.call_fn()
+        finally:
+            self.done.set()
+
+    def later(self, coroutine: Coroutine) -> None:
+        if not _start(_now, coroutine):
+            _now(coroutine)
+
+
+class _Async:
+    """The flow's I/O for aget_or_set: redis.asyncio, and tasks for what runs beside the caller."""
+
+    def __init__(self, r: Any, call_fn: Callable[[], Any]) -> None:
+        self.r, self.call_fn = r, call_fn
+
+    async def command(self, *args: Any) -> Any:
+        return await self.r.execute_command(*args, NEVER_DECODE=True)
+
+    async def xread(self, conn: Any, *args: Any) -> Any:
+        await conn.send_command(*args)
+        return await conn.read_response()
+
+    async def close(self, conn: Any) -> None:
+        await conn.disconnect()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def holding(self, seconds: float) -> bool:  # until the task is cancelled
+        await asyncio.sleep(seconds)
+        return True
+
+    async def join(self, flight: _Flight) -> bool:
+        try:
+            await asyncio.wait_for(flight.ended.wait(), MAX_WAIT)  # type: ignore[arg-type]
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def call(self, lock: tuple[str, str, int] | None) -> Any:
+        renewal = asyncio.ensure_future(_renewal(self, *lock)) if lock else None
+        try:
+            result = self.call_fn()
+            return await result if inspect.isawaitable(result) else result
+        finally:
+            if renewal:
+                renewal.cancel()
+
+    def later(self, coroutine: Coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        _tasks.add(task)
+        task.add_done_callback(_tasks.discard)
+
+
+def _now(coroutine: Coroutine) -> Any:
+    """Runs to its end a coroutine that never suspends: the flow on blocking I/O."""
+    try:
+        coroutine.send(None)
+    except StopIteration as end:
+        return end.value
+    coroutine.close()
+    raise RuntimeError("the flow suspended on blocking I/O")
 
 
 def _start(target: Callable, *args: Any) -> bool:
@@ -516,14 +684,27 @@ def _start(target: Callable, *args: Any) -> bool:
 
 def stats(client: redis.Redis | redis.RedisCluster | None = None) -> dict[str, float]:
     """Hits, misses, hit_rate and tokens_saved under the current PREFIX. Redis errors are raised here."""
-    r = _redis(client)
+    return _totals(_shards(_redis(client)).execute())
+
+
+async def astats(client: redis.asyncio.Redis | redis.asyncio.RedisCluster | None = None) -> dict[str, float]:
+    """stats for asyncio."""
+    return _totals(await _shards(_redis(client, sync=False)).execute())
+
+
+def _shards(r: Any) -> Any:
+    """A pipeline that reads the 256 stats shards."""
     if r is None:
         raise ValueError("REDIS_URL is not a Redis URL (redis://, rediss:// or unix://)")
     pipe = r.pipeline(transaction=False)
     for tag in range(256):
         pipe.hgetall(_tag(f"{tag:02x}") + "stats")
+    return pipe
+
+
+def _totals(shards: list[dict]) -> dict[str, float]:
     totals = {"hits": 0, "misses": 0, "tokens_saved": 0}
-    for shard in pipe.execute():
+    for shard in shards:
         for field, n in shard.items():
             totals[field if isinstance(field, str) else field.decode()] += int(n)
     calls = totals["hits"] + totals["misses"]

@@ -170,6 +170,11 @@ def encodings(monkeypatch):
     monkeypatch.setattr(cache, "_loads", {})
 
 
+def run_script(r, script, keys, *args):
+    """One of cache.py's scripts, run on a sync client as the module runs it."""
+    return cache._now(cache._script(cache._Blocking(r, None), script, keys, *args))
+
+
 def counting(value=ANSWER):
     """A call_fn that returns value and records each call."""
     def call_fn():
@@ -1157,7 +1162,7 @@ def test_a_server_refusing_waiters_connections_is_polled_not_taken_for_an_outage
                 w.start()
             time.sleep(0.5)  # the pool has 2 connections, 1 waiter a third; the server refuses a fourth
             for q in questions:  # the holder stores its answers
-                cache._run(cache._FINISH, admin, cache._keys(q, "m", None), "elsewhere", json.dumps(ANSWER), 0,
+                run_script(admin, cache._FINISH, cache._keys(q, "m", None), "elsewhere", json.dumps(ANSWER), 0,
                            60_000, 10_000, 60_000)
             for w in waiters:
                 w.join(timeout=30)
