@@ -1,6 +1,7 @@
 """Tests for cache.py, on fakeredis and on real redis-server processes that the tests start and stop."""
 from __future__ import annotations
 
+import asyncio
 import enum
 import functools
 import hashlib
@@ -170,6 +171,64 @@ def encodings(monkeypatch):
     monkeypatch.setattr(cache, "_loads", {})
 
 
+class Loop:
+    """An event loop in a thread of its own: sync test code awaits on it, from any number of threads."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+def async_twin(c):
+    """An asyncio client of the server that the sync client c talks to, with c's decoding and timeouts."""
+    if isinstance(c, redis.RedisCluster):
+        node = c.get_default_node()
+        return redis.asyncio.RedisCluster(host=node.host, port=node.port)
+    kw = c.connection_pool.connection_kwargs
+    if c.connection_pool.connection_class.__module__.startswith("fakeredis"):
+        return fakeredis.FakeAsyncRedis(host=kw["host"], port=kw["port"], decode_responses=kw["decode_responses"])
+    names = ("host", "port", "db", "username", "password", "decode_responses", "socket_timeout",
+             "socket_connect_timeout")
+    retry = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+    return redis.asyncio.Redis(**{name: kw[name] for name in names if name in kw}, retry=retry)
+
+
+@pytest.fixture(params=["sync", "async"])
+def ask(request):
+    """get_or_set; or aget_or_set with an awaitable call_fn, run on an event loop, and given the asyncio twin of
+    the client passed: one test body for both paths. ask.stats is stats or astats the same way."""
+    if request.param == "sync":
+        cache.get_or_set.stats = cache.stats
+        yield cache.get_or_set
+        return
+    loop, twins = Loop(), {}
+
+    def twin(client):
+        return None if client is None else twins.setdefault(id(client), (client, async_twin(client)))[1]
+
+    def ask(messages, model, call_fn, ttl=None, *, client=None, params=None):
+        async def awaitable():
+            return call_fn()
+
+        wrapped = awaitable if callable(call_fn) and not cache._needs_arguments(call_fn) else call_fn
+        return loop.run(cache.aget_or_set(messages, model, wrapped, ttl, client=twin(client), params=params))
+
+    ask.stats = lambda client=None: loop.run(cache.astats(client=twin(client)))
+    yield ask
+    for _, c in twins.values():
+        loop.run(c.aclose())
+    loop.close()
+
+
 def run_script(r, script, keys, *args):
     """One of cache.py's scripts, run on a sync client as the module runs it."""
     return cache._now(cache._script(cache._Blocking(r, None), script, keys, *args))
@@ -243,48 +302,48 @@ def test_entry_lock_and_counter_share_one_cluster_slot(model, messages):
 
 # ---------------------------------------------------------------- miss, hit, values
 
-def test_second_identical_call_is_a_hit(client):
+def test_second_identical_call_is_a_hit(ask, client):
     call_fn = counting({"answer": (1, 2), "text": "Grüße"})
-    first = cache.get_or_set(MSGS, "gpt-4", call_fn, client=client)
-    second = cache.get_or_set(MSGS, "gpt-4", call_fn, client=client)
+    first = ask(MSGS, "gpt-4", call_fn, client=client)
+    second = ask(MSGS, "gpt-4", call_fn, client=client)
     assert call_fn.calls == 1
     assert first == second == {"answer": [1, 2], "text": "Grüße"}  # what JSON gives back, miss and hit alike
 
 
 @pytest.mark.parametrize("falsy", [None, "", 0, [], {}, False])
-def test_a_cached_falsy_value_is_a_hit(client, falsy):
+def test_a_cached_falsy_value_is_a_hit(ask, client, falsy):
     call_fn = counting(falsy)
-    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == falsy
-    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == falsy
+    assert ask(MSGS, "m", call_fn, client=client) == falsy
+    assert ask(MSGS, "m", call_fn, client=client) == falsy
     assert call_fn.calls == 1
 
 
-def test_pydantic_result_is_stored_as_its_json_dump(client):
+def test_pydantic_result_is_stored_as_its_json_dump(ask, client):
     class Answer(pydantic.BaseModel):
         text: str
         score: float
 
-    first = cache.get_or_set(MSGS, "m", lambda: Answer(text="hi", score=0.5), client=client)
-    second = cache.get_or_set(MSGS, "m", counting(), client=client)
+    first = ask(MSGS, "m", lambda: Answer(text="hi", score=0.5), client=client)
+    second = ask(MSGS, "m", counting(), client=client)
     assert first == second == {"text": "hi", "score": 0.5}
 
 
 @pytest.mark.parametrize("bad", [object(), {1, 2}, b"bytes", {"x": math.nan}])
-def test_non_json_result_raises_type_error_and_stores_nothing(client, bad):
+def test_non_json_result_raises_type_error_and_stores_nothing(ask, client, bad):
     with pytest.raises(TypeError) as raised:
-        cache.get_or_set(MSGS, "m", lambda: bad, client=client)
+        ask(MSGS, "m", lambda: bad, client=client)
     assert type(bad).__name__ in str(raised.value)
     keys = cache._keys(MSGS, "m", None)
     assert client.exists(keys[0], keys[1]) == 0  # no entry, no lock left behind
     call_fn = counting()
-    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
+    assert ask(MSGS, "m", call_fn, client=client) == ANSWER
     assert call_fn.calls == 1
 
 
-def test_ttl_is_the_entry_lifetime(client):
-    cache.get_or_set(MSGS, "m", counting(), ttl=120, client=client)
+def test_ttl_is_the_entry_lifetime(ask, client):
+    ask(MSGS, "m", counting(), ttl=120, client=client)
     assert 110 < client.ttl(cache._keys(MSGS, "m", None)[0]) <= 120
-    cache.get_or_set(MSGS, "n", counting(), client=client)
+    ask(MSGS, "n", counting(), client=client)
     assert cache.DEFAULT_TTL - 10 < client.ttl(cache._keys(MSGS, "n", None)[0]) <= cache.DEFAULT_TTL
 
 
@@ -296,35 +355,35 @@ def _window_hits(client, entry):
     return None if hits is None else int(hits)
 
 
-def test_hits_are_counted_and_hot_entries_slide_to_hot_ttl(client, monkeypatch):
+def test_hits_are_counted_and_hot_entries_slide_to_hot_ttl(ask, client, monkeypatch):
     monkeypatch.setattr(cache, "HOT_THRESHOLD", 3)
     monkeypatch.setattr(cache, "HOT_TTL", 1000)
     entry = cache._keys(MSGS, "m", None)[0]
-    cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    ask(MSGS, "m", counting(), ttl=100, client=client)
     assert _window_hits(client, entry) is None  # a miss is not a hit
     for n in (1, 2):
-        cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+        ask(MSGS, "m", counting(), ttl=100, client=client)
         assert _window_hits(client, entry) == n
         assert 90 < client.ttl(entry) <= 100  # below the threshold a hit leaves the TTL alone
-    cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    ask(MSGS, "m", counting(), ttl=100, client=client)
     assert 990 < client.ttl(entry) <= 1000  # the threshold-th hit makes it hot
     client.expire(entry, 500)  # time passes
-    cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    ask(MSGS, "m", counting(), ttl=100, client=client)
     assert 990 < client.ttl(entry) <= 1000  # sliding: every hot hit extends it from now
     assert _window_hits(client, entry) == 4
-    assert cache.stats(client=client)["hits"] == 4
+    assert ask.stats(client=client)["hits"] == 4
 
 
 @pytest.mark.parametrize("window, gap, hot", [(0.05, 0.06, False), (60, 0, True)], ids=["spread", "inside"])
-def test_only_hits_within_the_hot_window_make_an_entry_hot(client, monkeypatch, window, gap, hot):
+def test_only_hits_within_the_hot_window_make_an_entry_hot(ask, client, monkeypatch, window, gap, hot):
     monkeypatch.setattr(cache, "HOT_THRESHOLD", 3)
     monkeypatch.setattr(cache, "HOT_TTL", 1000)
     monkeypatch.setattr(cache, "HOT_WINDOW", window)
     entry = cache._keys(MSGS, "m", None)[0]
-    cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    ask(MSGS, "m", counting(), ttl=100, client=client)
     for _ in range(5):  # five hits, each `gap` after the last: wider than a 50 ms window, or inside a minute
         time.sleep(gap)
-        cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+        ask(MSGS, "m", counting(), ttl=100, client=client)
     assert (client.ttl(entry) > 100) is hot
     assert _window_hits(client, entry) == (5 if hot else 1)  # each spread hit opens a window of its own
 
@@ -373,29 +432,29 @@ def test_hot_hits_never_shorten_or_lengthen_a_ttl_they_should_not(client, monkey
     assert ttl - 10 < client.ttl(cache._keys(MSGS, "m", None)[0]) <= ttl
 
 
-def test_a_new_answer_starts_its_hit_count_afresh(client, monkeypatch):
+def test_a_new_answer_starts_its_hit_count_afresh(ask, client, monkeypatch):
     monkeypatch.setattr(cache, "HOT_THRESHOLD", 3)
     monkeypatch.setattr(cache, "HOT_TTL", 1000)
     entry = cache._keys(MSGS, "m", None)[0]
     for _ in range(3):  # a miss, then two hits
-        cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+        ask(MSGS, "m", counting(), ttl=100, client=client)
     client.hset(entry, "v", "{broken")  # corrupt: the next caller stores a new answer
-    cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    ask(MSGS, "m", counting(), ttl=100, client=client)
     assert _window_hits(client, entry) is None
-    cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+    ask(MSGS, "m", counting(), ttl=100, client=client)
     assert _window_hits(client, entry) == 1
     assert 90 < client.ttl(entry) <= 100
 
 
 # ---------------------------------------------------------------- prefix
 
-def test_bumping_prefix_orphans_every_entry_without_a_flush(client, monkeypatch):
+def test_bumping_prefix_orphans_every_entry_without_a_flush(ask, client, monkeypatch):
     call_fn = counting()
-    cache.get_or_set(MSGS, "m", call_fn, client=client)
+    ask(MSGS, "m", call_fn, client=client)
     old_entry = cache._keys(MSGS, "m", None)[0]
     monkeypatch.setattr(cache, "PREFIX", cache.PREFIX + "v2:")
-    cache.get_or_set(MSGS, "m", call_fn, client=client)
-    cache.get_or_set(MSGS, "m", call_fn, client=client)
+    ask(MSGS, "m", call_fn, client=client)
+    ask(MSGS, "m", call_fn, client=client)
     assert call_fn.calls == 2
     assert client.exists(old_entry) == 1
 
@@ -409,19 +468,19 @@ def test_prefix_default_comes_from_the_environment():
 
 # ---------------------------------------------------------------- errors and bad input
 
-def test_call_fn_exception_propagates_and_releases_the_lock_at_once(client):
+def test_call_fn_exception_propagates_and_releases_the_lock_at_once(ask, client):
     boom = RuntimeError("model down")
 
     def failing():
         raise boom
 
     with pytest.raises(RuntimeError) as raised:
-        cache.get_or_set(MSGS, "m", failing, client=client)
+        ask(MSGS, "m", failing, client=client)
     assert raised.value is boom
     keys = cache._keys(MSGS, "m", None)
     assert client.exists(keys[0], keys[1]) == 0
     call_fn = counting()
-    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER  # the next caller does not wait LOCK_TTL
+    assert ask(MSGS, "m", call_fn, client=client) == ANSWER  # the next caller does not wait LOCK_TTL
     assert call_fn.calls == 1
 
 
@@ -431,15 +490,15 @@ def test_call_fn_exception_propagates_and_releases_the_lock_at_once(client):
     lambda c, k: c.rpush(k, "a list"),
     lambda c, k: c.hset(k, mapping={"v": b"\xff\xfe not UTF-8", "t": "3"}),
 ])
-def test_a_corrupt_entry_is_a_miss_and_is_overwritten(client, corrupt):
+def test_a_corrupt_entry_is_a_miss_and_is_overwritten(ask, client, corrupt):
     entry = cache._keys(MSGS, "m", None)[0]
     corrupt(client, entry)
     call_fn = counting()
-    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
-    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
+    assert ask(MSGS, "m", call_fn, client=client) == ANSWER
+    assert ask(MSGS, "m", call_fn, client=client) == ANSWER
     assert call_fn.calls == 1
     # the read that found the corrupt value counted no hit and none of its tokens
-    assert cache.stats(client=client) == {"hits": 1, "misses": 1, "tokens_saved": 23, "hit_rate": 0.5}
+    assert ask.stats(client=client) == {"hits": 1, "misses": 1, "tokens_saved": 23, "hit_rate": 0.5}
 
 
 def test_a_corrupt_entry_replaced_meanwhile_by_a_good_answer_is_kept(client, monkeypatch):
@@ -464,16 +523,16 @@ def test_a_corrupt_entry_replaced_meanwhile_by_a_good_answer_is_kept(client, mon
     assert cache.stats(client=client) == {"hits": 1, "misses": 0, "tokens_saved": 7, "hit_rate": 1.0}
 
 
-def test_a_flushed_script_cache_is_refilled_without_a_miss_or_warning(client, caplog):
+def test_a_flushed_script_cache_is_refilled_without_a_miss_or_warning(ask, client, caplog):
     call_fn = counting()
-    cache.get_or_set(MSGS, "m", call_fn, client=client)
+    ask(MSGS, "m", call_fn, client=client)
     client.script_flush()  # a restarted or failed-over server knows no scripts
     with caplog.at_level(logging.WARNING, logger="cache"):
-        assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
+        assert ask(MSGS, "m", call_fn, client=client) == ANSWER
     assert client.script_exists(cache._READ.sha) == [True]
     assert call_fn.calls == 1
     assert caplog.records == []
-    assert cache.stats(client=client)["hits"] == 1
+    assert ask.stats(client=client)["hits"] == 1
 
 
 class Untouchable(redis.Redis):
@@ -597,50 +656,50 @@ def retrying(f):  # a pass-through decorator, around a method
     injecting(lambda answer: answer), retrying(Answerer().ask), retrying(Answerer.ask_class),
 ], ids=["lambda", "default", "varargs", "keyword-default", "method", "object", "builtin-partial", "partial",
         "classmethod", "injecting-decorator", "decorated-method", "decorated-classmethod"])
-def test_any_callable_taking_no_arguments_is_accepted(client, call_fn):
-    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
-    assert cache.get_or_set(MSGS, "m", counting("wrong"), client=client) == ANSWER
+def test_any_callable_taking_no_arguments_is_accepted(ask, client, call_fn):
+    assert ask(MSGS, "m", call_fn, client=client) == ANSWER
+    assert ask(MSGS, "m", counting("wrong"), client=client) == ANSWER
 
 
-def test_the_largest_ttl_is_one_redis_accepts(client, caplog):
+def test_the_largest_ttl_is_one_redis_accepts(ask, client, caplog):
     with caplog.at_level(logging.WARNING, logger="cache"):
-        cache.get_or_set(MSGS, "m", counting(), ttl=cache._MAX_SECONDS, client=client)
+        ask(MSGS, "m", counting(), ttl=cache._MAX_SECONDS, client=client)
     keys = cache._keys(MSGS, "m", None)
     assert client.ttl(keys[0]) > 10**15 and client.exists(keys[1]) == 0
     assert caplog.records == []
 
 
-def test_a_deeply_nested_answer_is_a_type_error_and_stores_nothing(client):
+def test_a_deeply_nested_answer_is_a_type_error_and_stores_nothing(ask, client):
     with pytest.raises(TypeError) as raised:
-        cache.get_or_set(MSGS, "m", lambda: nested(100_000), client=client)
+        ask(MSGS, "m", lambda: nested(100_000), client=client)
     assert "not JSON" in str(raised.value)
     keys = cache._keys(MSGS, "m", None)
     assert client.exists(keys[0], keys[1]) == 0
 
 
-def test_a_deeply_nested_corrupt_entry_is_a_miss(client):
+def test_a_deeply_nested_corrupt_entry_is_a_miss(ask, client):
     entry = cache._keys(MSGS, "m", None)[0]
     client.hset(entry, mapping={"v": "[" * 100_000 + "]" * 100_000, "t": "3"})
     call_fn = counting()
-    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
-    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
+    assert ask(MSGS, "m", call_fn, client=client) == ANSWER
+    assert ask(MSGS, "m", call_fn, client=client) == ANSWER
     assert call_fn.calls == 1
-    assert cache.stats(client=client) == {"hits": 1, "misses": 1, "tokens_saved": 23, "hit_rate": 0.5}
+    assert ask.stats(client=client) == {"hits": 1, "misses": 1, "tokens_saved": 23, "hit_rate": 0.5}
 
 
 @pytest.mark.parametrize("url", ["notaurl", "", "redis://localhost:notaport", "redis://localhost?socket_timeout=-1",
                                  "redis://localhost?socket_connect_timeout=1e12"])
-def test_a_malformed_redis_url_is_a_redis_that_is_down(monkeypatch, caplog, url):
+def test_a_malformed_redis_url_is_a_redis_that_is_down(ask, monkeypatch, caplog, url):
     monkeypatch.setenv("REDIS_URL", url)
     cache._from_url.cache_clear()
     call_fn = counting()
     with caplog.at_level(logging.WARNING, logger="cache"):
-        assert cache.get_or_set(MSGS, "m", call_fn) == ANSWER
-        assert cache.get_or_set(MSGS, "m", call_fn) == ANSWER
+        assert ask(MSGS, "m", call_fn) == ANSWER
+        assert ask(MSGS, "m", call_fn) == ANSWER
     assert call_fn.calls == 2
     assert [(r.levelname, "REDIS_URL" in r.message) for r in caplog.records] == [("ERROR", True)]
     with pytest.raises(ValueError) as raised:
-        cache.stats()
+        ask.stats()
     assert "REDIS_URL" in str(raised.value)
 
 
@@ -681,22 +740,22 @@ def test_redis_timeout_is_read_at_call_time(server, monkeypatch):
     assert "REDIS_TIMEOUT must be from 0.001" in str(raised.value)
 
 
-def test_unreachable_redis_is_answered_by_the_model_with_a_warning(caplog):
+def test_unreachable_redis_is_answered_by_the_model_with_a_warning(ask, caplog):
     dead = redis.Redis(port=_free_port())
     call_fn = counting()
     with caplog.at_level(logging.WARNING, logger="cache"):
-        assert cache.get_or_set(MSGS, "m", call_fn, client=dead) == ANSWER
-        assert cache.get_or_set(MSGS, "m", call_fn, client=dead) == ANSWER
+        assert ask(MSGS, "m", call_fn, client=dead) == ANSWER
+        assert ask(MSGS, "m", call_fn, client=dead) == ANSWER
     assert call_fn.calls == 2
     assert len([r for r in caplog.records if "Redis failed" in r.message]) == 1  # once per outage
 
 
-def test_stats_raise_when_redis_is_down():
+def test_stats_raise_when_redis_is_down(ask):
     with pytest.raises(redis.ConnectionError):
-        cache.stats(client=redis.Redis(port=_free_port()))
+        ask.stats(client=redis.Redis(port=_free_port()))
 
 
-def test_a_fractional_lock_ttl_works(client, monkeypatch):
+def test_a_fractional_lock_ttl_works(ask, client, monkeypatch):
     monkeypatch.setattr(cache, "LOCK_TTL", 1.5)
     lock = cache._keys(MSGS, "m", None)[1]
     seen = []
@@ -705,8 +764,8 @@ def test_a_fractional_lock_ttl_works(client, monkeypatch):
         seen.append(client.pttl(lock))
         return ANSWER
 
-    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
-    assert cache.get_or_set(MSGS, "m", call_fn, client=client) == ANSWER
+    assert ask(MSGS, "m", call_fn, client=client) == ANSWER
+    assert ask(MSGS, "m", call_fn, client=client) == ANSWER
     assert len(seen) == 1 and 1000 < seen[0] <= 1500
 
 
@@ -1049,9 +1108,9 @@ def test_the_first_answer_stored_wins_over_a_late_holder(client):
     assert (stats["hits"], stats["misses"]) == (1, 1)  # the dropped answer is no miss
 
 
-def test_a_lost_reply_to_the_lock_still_stores_and_releases(server, caplog):
+def test_a_lost_reply_to_the_lock_still_stores_and_releases(ask, server, caplog):
     direct = server.client()
-    cache.get_or_set(MSGS, "warm", counting(), client=direct)  # loads the scripts
+    ask(MSGS, "warm", counting(), client=direct)  # loads the scripts
     lost = []
 
     def the_lock_reply(data):  # ":0" is the lookup's "you hold the lock"; hold back the first one
@@ -1065,14 +1124,14 @@ def test_a_lost_reply_to_the_lock_still_stores_and_releases(server, caplog):
     r = redis.Redis(port=proxy.port, socket_timeout=0.2, retry=retry)
     call_fn = counting()
     with caplog.at_level(logging.WARNING, logger="cache"):
-        assert cache.get_or_set(MSGS, "m", call_fn, client=r) == ANSWER
+        assert ask(MSGS, "m", call_fn, client=r) == ANSWER
     proxy.close()
     assert lost and call_fn.calls == 1
     assert [rec for rec in caplog.records if "TimeoutError" in rec.message]  # the reply was lost
     lock = cache._keys(MSGS, "m", None)[1]
     _until(lambda: direct.exists(lock) == 0)  # released (in the background: Redis just timed out on this caller)
     other = counting("called again")
-    assert cache.get_or_set(MSGS, "m", other, client=direct) == ANSWER  # and the answer stored with it
+    assert ask(MSGS, "m", other, client=direct) == ANSWER  # and the answer stored with it
     assert other.calls == 0
 
 
@@ -1203,6 +1262,241 @@ def test_a_forked_child_does_not_wait_for_its_parents_threads(server):
         child.kill()
 
 
+# ---------------------------------------------------------------- asyncio
+
+def test_sync_and_async_callers_share_entries_and_statistics(client):
+    loop, aclient, first = Loop(), async_twin(client), counting({"by": "sync"})
+    try:
+        assert cache.get_or_set(MSGS, "m", first, client=client) == {"by": "sync"}
+        assert loop.run(cache.aget_or_set(MSGS, "m", counting("wrong"), client=aclient)) == {"by": "sync"}
+        answer = loop.run(cache.aget_or_set(MSGS, "n", counting({"by": "async"}), client=aclient))
+        assert cache.get_or_set(MSGS, "n", counting("wrong"), client=client) == answer == {"by": "async"}
+        assert cache.stats(client=client) == loop.run(cache.astats(client=aclient))
+        assert cache.stats(client=client)["hits"] == 2
+    finally:
+        loop.run(aclient.aclose())
+        loop.close()
+
+
+def test_1000_tasks_make_one_call_through_one_redis_waiter(server):
+    admin, keys = server.client(), cache._keys(MSGS, "m", None)
+    admin.set(keys[1], "another worker", px=30_000)  # so the tasks wait in Redis, not only on each other
+    waiters = []
+
+    async def main():
+        r, calls = redis.asyncio.Redis(port=server.port), []
+
+        async def call_fn():
+            calls.append(1)
+            return ANSWER
+
+        tasks = [asyncio.ensure_future(cache.aget_or_set(MSGS, "m", call_fn, client=r)) for _ in range(1000)]
+        await asyncio.sleep(0.3)
+        waiters.append([c["cmd"] for c in admin.client_list()].count("xread"))
+        run_script(admin, cache._FINISH, keys, "another worker", "", 0, 60_000, 10_000, 60_000)  # it failed
+        answers = await asyncio.gather(*tasks)
+        await r.aclose()
+        return answers, calls
+
+    answers, calls = asyncio.run(main())
+    assert waiters == [1]
+    assert answers == [ANSWER] * 1000 and len(calls) == 1
+    assert cache.stats(client=admin) == {"hits": 999, "misses": 1, "tokens_saved": 999 * 23, "hit_rate": 0.999}
+
+
+def test_200_different_requests_at_once_are_not_serialized(ask_async_client):
+    loop, aclient = ask_async_client
+    started, everyone = [], asyncio.Event()
+
+    async def call_fn(n):
+        started.append(n)
+        if len(started) == 200:
+            everyone.set()
+        await asyncio.wait_for(everyone.wait(), 20)  # serialized calls would never all be under way at once
+        return {"n": n}
+
+    async def main():
+        return await asyncio.gather(*[cache.aget_or_set([{"role": "user", "content": str(n)}], "m",
+                                                        functools.partial(call_fn, n), client=aclient)
+                                      for n in range(200)])
+
+    assert loop.run(main()) == [{"n": n} for n in range(200)]
+
+
+@pytest.fixture
+def ask_async_client(client):
+    """An event loop, and the asyncio twin of client."""
+    loop, aclient = Loop(), async_twin(client)
+    yield loop, aclient
+    loop.run(aclient.aclose())
+    loop.close()
+
+
+def test_a_cancelled_leader_releases_its_lock_at_once_and_leaves_no_task(ask_async_client, client):
+    loop, aclient = ask_async_client
+    lock = cache._keys(MSGS, "m", None)[1]
+    in_call = []
+
+    async def hanging():
+        in_call.append(1)
+        await asyncio.sleep(60)
+
+    async def main():
+        leader = asyncio.ensure_future(cache.aget_or_set(MSGS, "m", hanging, client=aclient))
+        follower = asyncio.ensure_future(cache.aget_or_set(MSGS, "m", counting(), client=aclient))
+        while not in_call:
+            await asyncio.sleep(0.01)
+        held = client.exists(lock)
+        leader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        released = client.exists(lock) == 0 or await follower  # the follower may already hold it, as the leader
+        answer = await follower  # not cancelled: it leads in turn
+        await asyncio.sleep(0)
+        return held, released, answer, [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    held, released, answer, left = loop.run(main())
+    assert held == 1 and released and answer == ANSWER
+    assert left == []
+
+
+def test_a_cancelled_waiter_closes_its_connection(server):
+    admin = server.client()
+    admin.set(cache._keys(MSGS, "m", None)[1], "another worker", px=30_000)
+
+    async def main():
+        r = redis.asyncio.Redis(port=server.port)
+        task = asyncio.ensure_future(cache.aget_or_set(MSGS, "m", counting(), client=r))
+        await asyncio.sleep(0.3)
+        during = admin.client_list()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.1)
+        after = admin.client_list()
+        await r.aclose()
+        return during, after
+
+    during, after = asyncio.run(main())
+    assert [c["cmd"] for c in during].count("xread") == 1
+    assert [c["cmd"] for c in after].count("xread") == 0 and len(after) < len(during)
+
+
+def test_a_call_fn_task_that_asks_for_its_own_request_does_not_wait_for_itself(ask_async_client):
+    loop, aclient = ask_async_client
+    inner, outcome = counting({"by": "inner"}), {}
+
+    async def outer():
+        outcome["inner"] = await cache.aget_or_set(MSGS, "m", inner, client=aclient)
+        return {"by": "outer"}
+
+    outcome["outer"] = loop.run(cache.aget_or_set(MSGS, "m", outer, client=aclient), timeout=20)
+    assert outcome == {"inner": {"by": "inner"}, "outer": {"by": "inner"}} and inner.calls == 1
+
+
+def test_a_failed_call_raises_in_every_task_that_waited_for_it(ask_async_client):
+    loop, aclient = ask_async_client
+    calls = []
+
+    async def failing():
+        calls.append(1)
+        await asyncio.sleep(0.1)
+        raise RuntimeError("model down")
+
+    async def main():
+        return await asyncio.gather(*[cache.aget_or_set(MSGS, "m", failing, client=aclient) for _ in range(20)],
+                                    return_exceptions=True)
+
+    outcomes = loop.run(main())
+    assert len(calls) == 1
+    assert all(isinstance(o, RuntimeError) and str(o) == "model down" for o in outcomes)
+
+
+def test_the_default_async_client_is_one_per_event_loop(server, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", server.url)
+
+    async def clients():
+        await cache.aget_or_set(MSGS, "m", counting())
+        return cache._redis(None, sync=False), cache._redis(None, sync=False)
+
+    first, second = asyncio.run(clients()), asyncio.run(clients())
+    assert first[0] is first[1] and second[0] is second[1] and first[0] is not second[0]
+    assert isinstance(first[0], redis.asyncio.Redis)
+    assert first[0].connection_pool.connection_kwargs["socket_timeout"] == cache.REDIS_TIMEOUT
+
+
+class AsyncUntouchable(redis.asyncio.Redis):
+    """A redis.asyncio client that fails the test on any command."""
+
+    def __init__(self):
+        pass
+
+    async def execute_command(self, *args, **options):
+        raise AssertionError(f"Redis was touched: {args[0]}")
+
+
+@pytest.mark.parametrize("client, message", [
+    (redis.Redis(), "client must be a redis.asyncio.Redis or redis.asyncio.RedisCluster, got Redis"),
+    (redis.asyncio.Redis().pipeline(), "client must be a redis.asyncio.Redis or redis.asyncio.RedisCluster, got "
+                                       "Pipeline"),
+    (AsyncUntouchable(), "call_fn must be a callable taking no arguments"),
+])
+def test_bad_arguments_to_aget_or_set_fail_before_redis_or_the_model_is_touched(client, message):
+    async def needy(question):
+        return ANSWER
+
+    call_fn = counting() if "client" in message else needy
+    with pytest.raises(TypeError) as raised:
+        asyncio.run(cache.aget_or_set(MSGS, "m", call_fn, client=client))
+    assert message in str(raised.value)
+
+
+def _ask_async(url, tasks, start, results):
+    """A worker process of asyncio tasks: wait for the start, then each task asks; calls are counted in Redis."""
+    async def main():
+        r = redis.asyncio.Redis.from_url(url)
+
+        async def call_fn():
+            await r.incr(cache.PREFIX + "calls")
+            await asyncio.sleep(0.3)
+            return ANSWER
+
+        answers = await asyncio.gather(*[cache.aget_or_set(MSGS, "m", call_fn, client=r) for _ in range(tasks)])
+        await r.aclose()
+        return answers
+
+    start.wait()
+    results.put(asyncio.run(main()))
+
+
+def _ask_threads(url, threads, start, results):
+    """A worker process of threads: wait for the start, then each thread asks; calls are counted in Redis."""
+    r = redis.Redis.from_url(url)
+
+    def call_fn():
+        r.incr(cache.PREFIX + "calls")
+        time.sleep(0.3)
+        return ANSWER
+
+    start.wait()
+    results.put(_in_threads(threads, lambda: cache.get_or_set(MSGS, "m", call_fn, client=r)))
+
+
+def test_tasks_in_8_processes_and_threads_in_another_make_one_call(real_url):
+    start, results = FORK.Event(), FORK.Queue()
+    procs = [FORK.Process(target=_ask_async, args=(real_url, 50, start, results)) for _ in range(8)]
+    procs.append(FORK.Process(target=_ask_threads, args=(real_url, 16, start, results)))
+    for p in procs:
+        p.start()
+    start.set()
+    answers = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=10)
+    assert sorted(len(a) for a in answers) == [16] + [50] * 8
+    assert all(answer == ANSWER for a in answers for answer in a)
+    assert int(redis.Redis.from_url(real_url).get(cache.PREFIX + "calls")) == 1
+
+
 # ---------------------------------------------------------------- faults
 
 def _hold_forever(url, lock_ttl, start, results):
@@ -1217,7 +1511,7 @@ def _hold_forever(url, lock_ttl, start, results):
     cache.get_or_set(MSGS, "m", call_fn, client=r)
 
 
-def test_a_killed_holder_costs_one_more_call_and_no_hang(server, monkeypatch):
+def test_a_killed_holder_costs_one_more_call_and_no_hang(ask, server, monkeypatch):
     monkeypatch.setattr(cache, "LOCK_TTL", 1)
     r = server.client()
     start, results = FORK.Event(), FORK.Queue()
@@ -1292,7 +1586,7 @@ def test_a_holder_that_lost_its_lock_cannot_release_its_successors(client, monke
     assert calls == ["first", "second"]
 
 
-def test_an_evicted_lock_costs_at_most_a_duplicate_call(client, monkeypatch):
+def test_an_evicted_lock_costs_at_most_a_duplicate_call(ask, client, monkeypatch):
     monkeypatch.setattr(cache, "LOCK_TTL", 1)  # waiters find the lock gone at their next wake, within a second
     release = threading.Event()
     calls = []
@@ -1318,59 +1612,59 @@ def test_an_evicted_lock_costs_at_most_a_duplicate_call(client, monkeypatch):
         t.join(timeout=30)
     assert not any(t.is_alive() for t in threads)
     assert len(calls) == 2
-    assert cache.get_or_set(MSGS, "m", counting("not cached"), client=client) == ANSWER
-    assert cache.stats(client=client)["misses"] == 1  # the first answer stored won; the second was dropped
+    assert ask(MSGS, "m", counting("not cached"), client=client) == ANSWER
+    assert ask.stats(client=client)["misses"] == 1  # the first answer stored won; the second was dropped
 
 
-def test_frozen_redis_costs_one_timeout_per_outage_and_caching_resumes(server, monkeypatch, caplog):
+def test_frozen_redis_costs_one_timeout_per_outage_and_caching_resumes(ask, server, monkeypatch, caplog):
     monkeypatch.setenv("REDIS_URL", server.url)  # the module's own client, with its short timeouts
     monkeypatch.setattr(cache, "RETRY_AFTER", 0.5)
-    cache.get_or_set(MSGS, "m", counting())
+    ask(MSGS, "m", counting())
     server.freeze()
     call_fn = counting({"fresh": True})
     with caplog.at_level(logging.WARNING, logger="cache"):
-        answers = [cache.get_or_set(MSGS, "m", call_fn) for _ in range(100)]
+        answers = [ask(MSGS, "m", call_fn) for _ in range(100)]
     assert answers == [{"fresh": True}] * 100 and call_fn.calls == 100
     assert len([r for r in caplog.records if "Redis failed" in r.message]) == 1
     server.thaw()
     for attempt in range(100):  # caching resumes on its own, a RETRY_AFTER later
         call_fn = counting()
         question = [{"role": "user", "content": f"after the outage, attempt {attempt}"}]
-        cache.get_or_set(question, "m", call_fn)
-        cache.get_or_set(question, "m", call_fn)
+        ask(question, "m", call_fn)
+        ask(question, "m", call_fn)
         if call_fn.calls == 1:
             break
         time.sleep(0.1)
     assert call_fn.calls == 1
 
 
-def test_a_restarted_redis_is_used_again_at_once(server, monkeypatch, caplog):
+def test_a_restarted_redis_is_used_again_at_once(ask, server, monkeypatch, caplog):
     monkeypatch.setenv("REDIS_URL", server.url)
     call_fn = counting()
-    cache.get_or_set(MSGS, "m", call_fn)
+    ask(MSGS, "m", call_fn)
     server.kill()
     server.start()
     with caplog.at_level(logging.WARNING, logger="cache"):
-        cache.get_or_set(MSGS, "m", call_fn)  # the server lost its data; the stale connection is redialled
-        cache.get_or_set(MSGS, "m", call_fn)
+        ask(MSGS, "m", call_fn)  # the server lost its data; the stale connection is redialled
+        ask(MSGS, "m", call_fn)
     assert call_fn.calls == 2
     assert not [r for r in caplog.records if "Redis failed" in r.message]
 
 
-def test_out_of_memory_is_not_an_outage(server, caplog):
+def test_out_of_memory_is_not_an_outage(ask, server, caplog):
     r = server.client()
-    cache.get_or_set(MSGS, "cached", counting(), client=r)
+    ask(MSGS, "cached", counting(), client=r)
     r.config_set("maxmemory-policy", "noeviction")
     r.config_set("maxmemory", 1)
     call_fn = counting()
     with caplog.at_level(logging.WARNING, logger="cache"):
-        assert cache.get_or_set(MSGS, "cached", call_fn, client=r) == ANSWER
+        assert ask(MSGS, "cached", call_fn, client=r) == ANSWER
         assert call_fn.calls == 0  # a hit still served
-        assert cache.get_or_set(MSGS, "new", call_fn, client=r) == ANSWER
-        assert cache.get_or_set(MSGS, "newer", call_fn, client=r) == ANSWER
+        assert ask(MSGS, "new", call_fn, client=r) == ANSWER
+        assert ask(MSGS, "newer", call_fn, client=r) == ANSWER
         assert call_fn.calls == 2  # misses answered by call_fn, uncached
         for _ in range(5):  # Redis answered, so it is not skipped: the cached request is still a hit
-            assert cache.get_or_set(MSGS, "cached", call_fn, client=r) == ANSWER
+            assert ask(MSGS, "cached", call_fn, client=r) == ANSWER
     assert call_fn.calls == 2
     assert not [r for r in caplog.records if "Redis failed" in r.message]  # no outage declared
     refusals = [r.message for r in caplog.records if "Redis refused" in r.message]
@@ -1411,7 +1705,7 @@ class DelayingProxy:
         self.listener.close()
 
 
-def test_replies_delayed_past_the_timeout_never_give_a_wrong_answer(server, monkeypatch):
+def test_replies_delayed_past_the_timeout_never_give_a_wrong_answer(ask, server, monkeypatch):
     monkeypatch.setattr(cache, "RETRY_AFTER", 0)  # try Redis on every call, so every call crosses the proxy
     rng = random.Random(7)
     proxy = DelayingProxy(server.port, delay=0.15, when=lambda data: rng.random() < 0.03)
@@ -1421,7 +1715,7 @@ def test_replies_delayed_past_the_timeout_never_give_a_wrong_answer(server, monk
     wrong = []
     for _ in range(1000):
         n = questions.randrange(50)
-        got = cache.get_or_set([{"role": "user", "content": f"question {n}"}], "m", lambda n=n: {"n": n}, client=r)
+        got = ask([{"role": "user", "content": f"question {n}"}], "m", lambda n=n: {"n": n}, client=r)
         if got != {"n": n}:
             wrong.append((n, got))
     proxy.close()
@@ -1430,7 +1724,7 @@ def test_replies_delayed_past_the_timeout_never_give_a_wrong_answer(server, monk
 
 # ---------------------------------------------------------------- authentication
 
-def test_password_and_acl_user_urls_work_and_a_wrong_password_fails_open(tmp_path, monkeypatch, caplog):
+def test_password_and_acl_user_urls_work_and_a_wrong_password_fails_open(ask, tmp_path, monkeypatch, caplog):
     s = Server(tmp_path, "--requirepass", "s3cret")
     try:
         # the least-privilege user the README recommends, limited to this test's prefix
@@ -1440,15 +1734,15 @@ def test_password_and_acl_user_urls_work_and_a_wrong_password_fails_open(tmp_pat
         for url in (f"redis://app:app-pass@127.0.0.1:{s.port}/0", f"redis://:s3cret@127.0.0.1:{s.port}/0"):
             monkeypatch.setenv("REDIS_URL", url)  # the ACL user first, so it loads the scripts itself
             call_fn = counting()
-            cache.get_or_set(MSGS, url, call_fn)
-            cache.get_or_set(MSGS, url, call_fn)
+            ask(MSGS, url, call_fn)
+            ask(MSGS, url, call_fn)
             assert call_fn.calls == 1
-            assert cache.stats()["hits"] >= 1
+            assert ask.stats()["hits"] >= 1
         monkeypatch.setenv("REDIS_URL", f"redis://app:wrong@127.0.0.1:{s.port}/0")
         call_fn = counting()
         with caplog.at_level(logging.WARNING, logger="cache"):
-            assert cache.get_or_set(MSGS, "m", call_fn) == ANSWER
-            assert cache.get_or_set(MSGS, "m", call_fn) == ANSWER
+            assert ask(MSGS, "m", call_fn) == ANSWER
+            assert ask(MSGS, "m", call_fn) == ANSWER
         assert call_fn.calls == 2
         failures = [r.message for r in caplog.records if "Redis failed" in r.message]
         assert len(failures) == 1 and "AuthenticationError" in failures[0]
@@ -1501,21 +1795,21 @@ def cluster(tmp_path_factory):
             n.kill()
 
 
-def test_cluster_core_behaviour_without_crossslot(cluster, caplog):
+def test_cluster_core_behaviour_without_crossslot(ask, cluster, caplog):
     c, nodes = cluster
     with caplog.at_level(logging.WARNING, logger="cache"):
         for n in range(60):
             answer = {"n": n, "usage": {"total_tokens": 10 + n}}
             call_fn = counting(answer)
             messages = [{"role": "user", "content": f"question {n}"}]
-            assert cache.get_or_set(messages, "gpt-4", call_fn, client=c) == answer
-            assert cache.get_or_set(messages, "gpt-4", call_fn, client=c) == answer
+            assert ask(messages, "gpt-4", call_fn, client=c) == answer
+            assert ask(messages, "gpt-4", call_fn, client=c) == answer
             assert call_fn.calls == 1
     assert not caplog.records  # no CROSSSLOT, no fail-open
     counts = [len(n.client().keys(cache.PREFIX + "*")) for n in nodes]
     assert all(count > 0 for count in counts)  # entries spread over all three masters
     tokens = sum(10 + n for n in range(60))
-    assert cache.stats(client=c) == {"hits": 60, "misses": 60, "tokens_saved": tokens, "hit_rate": 0.5}
+    assert ask.stats(client=c) == {"hits": 60, "misses": 60, "tokens_saved": tokens, "hit_rate": 0.5}
 
 
 def _ask_cluster(port, start, results):
@@ -1539,13 +1833,13 @@ def test_cluster_single_flight_is_one_call(cluster):
 
 # ---------------------------------------------------------------- statistics
 
-def test_stats_count_hits_misses_and_tokens_saved(client):
-    assert cache.stats(client=client) == {"hits": 0, "misses": 0, "tokens_saved": 0, "hit_rate": 0.0}
+def test_stats_count_hits_misses_and_tokens_saved(ask, client):
+    assert ask.stats(client=client) == {"hits": 0, "misses": 0, "tokens_saved": 0, "hit_rate": 0.0}
     for _ in range(4):
-        cache.get_or_set(MSGS, "gpt-4", counting(), client=client)  # one miss, three hits of 23 tokens
-    cache.get_or_set(MSGS, "other", counting("x"), client=client)
+        ask(MSGS, "gpt-4", counting(), client=client)  # one miss, three hits of 23 tokens
+    ask(MSGS, "other", counting("x"), client=client)
     expected_tokens = 3 * ANSWER["usage"]["total_tokens"]
-    assert cache.stats(client=client) == {"hits": 3, "misses": 2, "tokens_saved": expected_tokens, "hit_rate": 0.6}
+    assert ask.stats(client=client) == {"hits": 3, "misses": 2, "tokens_saved": expected_tokens, "hit_rate": 0.6}
 
 
 def test_bumping_prefix_starts_fresh_stats(client, monkeypatch):
@@ -1618,21 +1912,21 @@ def _counted(encoding, answer_text, messages=MSGS):
     ("gpt-4", "cl100k_base", BYTES), ("gpt-4o", "cl100k_base", PAIRS),  # models tiktoken knows: their own encoding
     ("some-local-llama", "cl100k_base", BYTES), ("some-local-llama", "o200k_base", PAIRS),  # others: the default
 ])
-def test_tokens_without_usage_are_counted_once_at_write_time(client, monkeypatch, model, default, expected):
+def test_tokens_without_usage_are_counted_once_at_write_time(ask, client, monkeypatch, model, default, expected):
     monkeypatch.setattr(cache, "DEFAULT_ENCODING", default)  # read at call time
     tokens = _counted(expected, ANSWER_NO_USAGE["choices"][0]["message"]["content"])
     assert _counted(BYTES, "Paris is the capital of France.") != _counted(PAIRS, "Paris is the capital of France.")
-    cache.get_or_set(MSGS, model, counting(ANSWER_NO_USAGE), client=client)
+    ask(MSGS, model, counting(ANSWER_NO_USAGE), client=client)
     assert int(client.hget(cache._keys(MSGS, model, None)[0], "t")) == tokens  # counted once, when stored
-    cache.get_or_set(MSGS, model, counting(ANSWER_NO_USAGE), client=client)
-    cache.get_or_set(MSGS, model, counting(ANSWER_NO_USAGE), client=client)
-    assert cache.stats(client=client)["tokens_saved"] == 2 * tokens
+    ask(MSGS, model, counting(ANSWER_NO_USAGE), client=client)
+    ask(MSGS, model, counting(ANSWER_NO_USAGE), client=client)
+    assert ask.stats(client=client)["tokens_saved"] == 2 * tokens
 
 
-def test_a_plain_string_answer_is_counted_too(client):
-    cache.get_or_set(MSGS, "gpt-4", counting("Paris."), client=client)
-    cache.get_or_set(MSGS, "gpt-4", counting("Paris."), client=client)
-    assert cache.stats(client=client)["tokens_saved"] == _counted(BYTES, "Paris.")
+def test_a_plain_string_answer_is_counted_too(ask, client):
+    ask(MSGS, "gpt-4", counting("Paris."), client=client)
+    ask(MSGS, "gpt-4", counting("Paris."), client=client)
+    assert ask.stats(client=client)["tokens_saved"] == _counted(BYTES, "Paris.")
 
 
 def _ask_new(client, n, answer="Paris."):
@@ -1851,3 +2145,31 @@ def test_openai_sdk_stream_is_returned_untouched_and_never_cached(client, openai
     assert len(httpd.requests) == 2
     keys = cache._keys(MSGS, "gpt-4.1-mini", {"stream": True})
     assert client.exists(keys[0], keys[1]) == 0
+
+
+def test_async_openai_two_identical_calls_reach_the_server_once(ask_async_client, openai_server):
+    (loop, aclient), (httpd, sdk) = ask_async_client, openai_server
+    sdk = openai.AsyncOpenAI(base_url=str(sdk.base_url), api_key="test")
+    call = lambda: sdk.chat.completions.create(model="gpt-4.1-mini", messages=MSGS)  # noqa: E731
+    first = loop.run(cache.aget_or_set(MSGS, "gpt-4.1-mini", call, client=aclient))
+    second = loop.run(cache.aget_or_set(MSGS, "gpt-4.1-mini", call, client=aclient))
+    assert len(httpd.requests) == 1
+    assert first == second and ChatCompletion.model_validate(second).choices[0].message.content == "Paris. (answer 1)"
+    assert loop.run(cache.astats(client=aclient))["tokens_saved"] == 25
+    loop.run(sdk.close())
+
+
+@pytest.mark.parametrize("status, error", [(500, openai.InternalServerError), (429, openai.RateLimitError)])
+def test_async_openai_errors_reach_the_caller_and_nothing_is_cached(ask_async_client, openai_server, status, error):
+    (loop, aclient), (httpd, sdk) = ask_async_client, openai_server
+    sdk = openai.AsyncOpenAI(base_url=str(sdk.base_url), api_key="test")
+    call = lambda: sdk.chat.completions.create(model="gpt-4.1-mini", messages=MSGS)  # noqa: E731
+    httpd.mode = status
+    with pytest.raises(error):
+        loop.run(cache.aget_or_set(MSGS, "gpt-4.1-mini", call, client=aclient))
+    assert len(httpd.requests) == 1 + sdk.max_retries
+    httpd.mode = "ok"
+    answer = loop.run(cache.aget_or_set(MSGS, "gpt-4.1-mini", call, client=aclient))
+    assert len(httpd.requests) == 2 + sdk.max_retries  # nothing was cached: the next call went to the server
+    assert ChatCompletion.model_validate(answer).usage.total_tokens == 25
+    loop.run(sdk.close())
