@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import multiprocessing
@@ -22,6 +23,7 @@ import threading
 import time
 
 import redis
+import redis.asyncio
 
 import cache
 
@@ -135,6 +137,94 @@ def miss_overhead(url: str, n: int) -> dict:
         json.loads(json.dumps(COMPLETION))  # what a miss must do anyway: hand back what JSON gives
     bare = time.perf_counter() - bare
     return {"round_trips": (r.sent - sent) / n, "overhead_us": (total - bare) / n * 1e6}
+
+
+def async_hit_vs_floor(url: str, rounds: int, n: int) -> dict:
+    async def run() -> dict:
+        r = redis.asyncio.Redis.from_url(url)  # one connection: the calls are sequential
+        await cache.aget_or_set(MSGS, "gpt-4.1-mini", lambda: COMPLETION, client=r)
+        await r.set("bench:afloor", json.dumps(COMPLETION, separators=(",", ":")))
+        floors, hits = [], []
+        for _ in range(rounds):  # alternate, so both see the same machine noise
+            t = time.perf_counter()
+            for _ in range(n):
+                json.loads(await r.get("bench:afloor"))
+            floors.append((time.perf_counter() - t) / n * 1e6)
+            t = time.perf_counter()
+            for _ in range(n):
+                await cache.aget_or_set(MSGS, "gpt-4.1-mini", lambda: COMPLETION, client=r)
+            hits.append((time.perf_counter() - t) / n * 1e6)
+        await r.delete("bench:afloor")
+        await r.aclose()
+        return {"floor_us": statistics.median(floors), "hit_us": statistics.median(hits), "rounds": rounds,
+                "ratio": statistics.median(h / f for h, f in zip(hits, floors, strict=True))}
+    return asyncio.run(run())
+
+
+def _gaps(ticks: list[float], start: float, end: float) -> float:
+    """The longest the loop went without running the ticker, between start and end, in ms."""
+    inside = [start] + [t for t in ticks if start < t < end] + [end]
+    return max(b - a for a, b in zip(inside, inside[1:], strict=False)) * 1000
+
+
+def thousand_tasks(url: str, tasks: int = 1000, call: float = 1.0) -> dict:
+    """tasks tasks of one loop ask for one request that another worker is calling the model for."""
+    question = [{"role": "user", "content": f"tasks {random.random()}"}]
+    calls, stored = [], []
+
+    def other_worker() -> None:  # a thread of another worker: its own client, so no coalescing with the tasks
+        def call_fn() -> dict:
+            calls.append(1)
+            time.sleep(call)
+            stored.append(time.perf_counter())  # the store follows at once
+            return COMPLETION
+        cache.get_or_set(question, "m", call_fn, client=redis.Redis.from_url(url))
+
+    async def run() -> dict:
+        r, ticks, done = redis.asyncio.Redis.from_url(url), [], []
+
+        async def ticker() -> None:
+            while len(done) < tasks:
+                ticks.append(time.perf_counter())
+                await asyncio.sleep(0.001)
+
+        async def ask() -> None:
+            await cache.aget_or_set(question, "m", lambda: calls.append(1) or COMPLETION, client=r)
+            done.append(time.perf_counter())
+
+        async def bare(event: asyncio.Event) -> None:  # what any 1000 tasks cost the loop: start, wait, wake
+            await event.wait()
+            done.append(time.perf_counter())
+
+        event, tick = asyncio.Event(), asyncio.ensure_future(ticker())
+        t0 = time.perf_counter()
+        base = [asyncio.ensure_future(bare(event)) for _ in range(tasks)]
+        await asyncio.sleep(0.1)
+        t1 = time.perf_counter()
+        event.set()
+        await asyncio.gather(*base)
+        await tick
+        bare_start, bare_wake, ticks, done = _gaps(ticks, t0, t1), _gaps(ticks, t1, done[-1]), [], []
+        tick = asyncio.ensure_future(ticker())
+        holder = threading.Thread(target=other_worker)
+        holder.start()
+        while not calls:
+            await asyncio.sleep(0.001)
+        t0 = time.perf_counter()
+        waiting = [asyncio.ensure_future(ask()) for _ in range(tasks)]
+        while not stored:
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*waiting)
+        await tick
+        holder.join()
+        lags = sorted((d - stored[0]) * 1000 for d in done)
+        started = t0 + 0.1  # their first steps are over by then (the call goes on for longer)
+        await r.aclose()
+        return {"tasks": tasks, "calls": len(calls), "call_s": call, "lag_median_ms": statistics.median(lags),
+                "lag_max_ms": lags[-1], "gap_start_ms": _gaps(ticks, t0, started),
+                "gap_waiting_ms": _gaps(ticks, started, stored[0]), "gap_wake_ms": _gaps(ticks, stored[0], done[-1]),
+                "bare_start_ms": bare_start, "bare_wake_ms": bare_wake}
+    return asyncio.run(run())
 
 
 def _crowd_member(url, delay, leader_call, start, done, out):
@@ -276,19 +366,28 @@ def fail_open(port: int, proc: subprocess.Popen | None, calls: int) -> dict:
                 continue
             proc.send_signal(signal.SIGSTOP)
         os.environ["REDIS_URL"] = url  # the module's own client, with its short timeouts
-        times = []
-        t0 = time.perf_counter()
-        for i in range(calls):
-            t = time.perf_counter()
-            cache.get_or_set([{"role": "user", "content": f"{name} {i}"}], "m", lambda: "answer")
-            times.append(time.perf_counter() - t)
-        total = time.perf_counter() - t0
+        for path in ("sync", "async"):
+            times = asyncio.run(_fail_open_async(name, calls)) if path == "async" else []
+            for i in range(calls if path == "sync" else 0):
+                t = time.perf_counter()
+                cache.get_or_set([{"role": "user", "content": f"{name} {i}"}], "m", lambda: "answer")
+                times.append(time.perf_counter() - t)
+            cache._down_until.clear()  # each path meets the outage afresh
+            result[f"{name} ({path})"] = {"calls": calls, "first_call_ms": times[0] * 1000, "total_s": sum(times),
+                                          "median_call_us": statistics.median(times) * 1e6}
         if name == "frozen":
             proc.send_signal(signal.SIGCONT)
-        result[name] = {"calls": calls, "first_call_ms": times[0] * 1000, "total_s": total,
-                        "median_call_us": statistics.median(times) * 1e6}
     os.environ.pop("REDIS_URL", None)
     return result
+
+
+async def _fail_open_async(name: str, calls: int) -> list[float]:
+    times = []
+    for i in range(calls):
+        t = time.perf_counter()
+        await cache.aget_or_set([{"role": "user", "content": f"{name} async {i}"}], "m", lambda: "answer")
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def main() -> None:
@@ -311,6 +410,8 @@ def main() -> None:
     try:
         figures = {"redis": redis.Redis.from_url(url).info("server")["redis_version"],
                    "hit": hit_vs_floor(url, rounds=5 if args.quick else 9, n=300 if args.quick else 3000),
+                   "async_hit": async_hit_vs_floor(url, rounds=5 if args.quick else 9, n=300 if args.quick else 3000),
+                   "tasks": thousand_tasks(url, call=0.3 if args.quick else 1.0),
                    "miss": miss_overhead(url, n=100 if args.quick else 1000),
                    "crowds": [crowd(url, n) for n in ((4,) if args.quick else (16, 64))],
                    "long_call": crowd(url, 4 if args.quick else 16, *((1.0, 0.1) if args.quick else (5.0, 0.5))),
@@ -333,6 +434,10 @@ def main() -> None:
           f"(median of {h['rounds']} alternating rounds; {h['round_trips_per_hit']:.0f} round trip per hit)")
     print(f"{'  of which in redis-server':34} {h['server_us_per_hit']:8.1f} us   "
           f"(a GET: {h['server_us_per_get']:.1f} us)")
+    a = figures["async_hit"]
+    print(f"{'async floor (await GET + loads)':34} {a['floor_us']:8.1f} us")
+    print(f"{'async hit (aget_or_set)':34} {a['hit_us']:8.1f} us   ratio {a['ratio']:.2f}x  "
+          f"(median of {a['rounds']} alternating rounds)")
     print(f"{'miss overhead (minus call_fn)':34} {m['overhead_us']:8.1f} us   {m['round_trips']:.0f} round trips")
     for c in figures["crowds"]:
         print(f"{c['processes']:3d} processes, one request, 1 s call: {c['calls']} call_fn call(s); waiters return "
@@ -347,11 +452,17 @@ def main() -> None:
         print(f"{p['threads']} threads, one request, {p['call_s']} s call, {name}(max_connections="
               f"{p['max_connections']}): {p['calls']} call_fn call(s), {p['answered']} answered, worst latency "
               f"{p['worst_over_call_ms']:.1f} ms over the call")
+    t = figures["tasks"]
+    print(f"{t['tasks']} tasks of one loop, one request, another worker's {t['call_s']:g} s call: {t['calls']} "
+          f"call_fn call(s); tasks return after the store: median {t['lag_median_ms']:.1f} ms, max "
+          f"{t['lag_max_ms']:.1f} ms; worst ticker gap while they wait {t['gap_waiting_ms']:.1f} ms, as they start "
+          f"{t['gap_start_ms']:.1f} ms, as they wake {t['gap_wake_ms']:.1f} ms (1000 bare tasks on an Event: "
+          f"{t['bare_start_ms']:.1f} and {t['bare_wake_ms']:.1f} ms)")
     k = figures["killed_holder"]
     print(f"holder SIGKILLed in its call (LOCK_TTL {k['lock_ttl_s']:.0f} s, call {k['call_s']} s): {k['waiters']} "
           f"waiters answered {k['last_answer_after_kill_s']:.2f} s after the kill (bound {k['bound_s']:.1f} s)")
     for name, f in figures["fail_open"].items():
-        print(f"Redis {name:7}: {f['calls']} calls in {f['total_s'] * 1000:.0f} ms; first call "
+        print(f"Redis {name:15}: {f['calls']} calls in {f['total_s'] * 1000:.0f} ms; first call "
               f"{f['first_call_ms']:.1f} ms, median call {f['median_call_us']:.0f} us")
 
 

@@ -64,12 +64,18 @@ class _Flight:
 
     __slots__ = ("ended", "leader", "joined", "counted", "data", "error", "traceback")
 
-    def __init__(self, ended: threading.Event | asyncio.Event, leader: object) -> None:
-        self.ended, self.leader = ended, leader  # ended is set when the leader has its answer or its exception
+    def __init__(self, ended: threading.Event | asyncio.Future, leader: object) -> None:
+        self.ended, self.leader = ended, leader  # ended when the leader has its answer or its exception
         self.joined, self.counted = itertools.count(), 0  # each follower takes a number; the leader counts them
         self.data: str | bytes | None = None  # the answer's JSON, if it may be shared
         self.error: Exception | None = None
         self.traceback: types.TracebackType | None = None
+
+    def end(self) -> None:
+        if isinstance(self.ended, threading.Event):
+            self.ended.set()
+        else:
+            self.ended.set_result(None)
 
 
 def _forget_flights() -> None:  # a forked child inherits the flights and loads, but not the threads that end them
@@ -355,7 +361,7 @@ async def aget_or_set(messages: list[dict], model: str, call_fn: Callable[[], An
     """get_or_set for asyncio: call_fn may return an awaitable, and no wait blocks the event loop."""
     keys, ttl_ms, s = _checked(messages, model, call_fn, ttl, params)
     io = _Async(_redis(client, sync=False), call_fn)
-    return await _flow(io, keys, messages, model, ttl_ms, s, _Flight(asyncio.Event(), asyncio.current_task()))
+    return await _flow(io, keys, messages, model, ttl_ms, s, _Flight(asyncio.Future(), asyncio.current_task()))
 
 
 def _checked(messages: Any, model: Any, call_fn: Any, ttl: Any, params: Any) -> tuple[list[str], int, _Settings]:
@@ -410,7 +416,7 @@ async def _flow(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
         if _flights.get(flight_key) is mine:  # not if a fork in call_fn forgot it
             del _flights[flight_key]
         mine.counted = next(mine.joined)
-        mine.ended.set()
+        mine.end()
     if mine.counted and mine.data is not None:  # the followers were answered from Redis too: hits, in one trip
         await _count(io, keys, s, mine.counted)
     return result
@@ -603,7 +609,7 @@ class _Blocking:
         return not self.done.wait(seconds)
 
     async def join(self, flight: _Flight) -> bool:
-        return flight.ended.wait(MAX_WAIT)  # type: ignore[call-arg,return-value]
+        return flight.ended.wait(MAX_WAIT)  # type: ignore[union-attr]
 
     async def call(self, lock: tuple[str, str, int] | None) -> Any:
         renewal = _renewal(self, *lock) if lock else None
@@ -644,7 +650,7 @@ class _Async:
 
     async def join(self, flight: _Flight) -> bool:
         try:
-            await asyncio.wait_for(flight.ended.wait(), MAX_WAIT)  # type: ignore[arg-type]
+            await asyncio.wait_for(asyncio.shield(flight.ended), MAX_WAIT)  # type: ignore[arg-type]
             return True
         except asyncio.TimeoutError:
             return False
