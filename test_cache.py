@@ -806,8 +806,13 @@ def _ask(url, start, results, sleep=0.3, value=ANSWER, messages=MSGS):
 
 
 def _run_processes(n, target, *args):
+    return _run_workers([(target, args)] * n)
+
+
+def _run_workers(workers):
+    """Start a process per (target, args), release them together; return what each put in the results queue."""
     start, results = FORK.Event(), FORK.Queue()
-    procs = [FORK.Process(target=target, args=(*args, start, results)) for _ in range(n)]
+    procs = [FORK.Process(target=target, args=(*args, start, results)) for target, args in workers]
     for p in procs:
         p.start()
     start.set()
@@ -1483,15 +1488,7 @@ def _ask_threads(url, threads, start, results):
 
 
 def test_tasks_in_8_processes_and_threads_in_another_make_one_call(real_url):
-    start, results = FORK.Event(), FORK.Queue()
-    procs = [FORK.Process(target=_ask_async, args=(real_url, 50, start, results)) for _ in range(8)]
-    procs.append(FORK.Process(target=_ask_threads, args=(real_url, 16, start, results)))
-    for p in procs:
-        p.start()
-    start.set()
-    answers = [results.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(timeout=10)
+    answers = _run_workers([(_ask_async, (real_url, 50))] * 8 + [(_ask_threads, (real_url, 16))])
     assert sorted(len(a) for a in answers) == [16] + [50] * 8
     assert all(answer == ANSWER for a in answers for answer in a)
     assert int(redis.Redis.from_url(real_url).get(cache.PREFIX + "calls")) == 1
