@@ -46,7 +46,7 @@ _MISS = object()  # a cached None, "" or [] is a hit
 _ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 _down_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to try it again
 _warned_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to warn of its errors again
-_flights: dict[tuple[int, str], _Flight] = {}  # (client, entry) -> the caller of this process leading it
+_flights: dict[tuple[int, type, str], _Flight] = {}  # (client, I/O, entry) -> this process's caller leading it
 _wait_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> waiters' connections it may still open
 _loop_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> the clients made from REDIS_URL
 _tasks: set[asyncio.Task] = set()  # background tasks, held until they end
@@ -394,7 +394,7 @@ def _needs_arguments(fn: Callable) -> bool:
 async def _flow(io: Any, keys: list[str], messages: list, model: str, ttl_ms: int, s: _Settings,
                 mine: _Flight) -> Any:
     # Go's singleflight: one caller per process and request goes to Redis and the model, the others wait for it
-    flight_key, deadline = (id(io.r), keys[0]), time.monotonic() + MAX_WAIT
+    flight_key, deadline = (id(io.r), type(io), keys[0]), time.monotonic() + MAX_WAIT  # (r None for both paths)
     while (flight := _flights.setdefault(flight_key, mine)) is not mine:  # atomic: one dict operation
         if flight.leader == mine.leader:  # call_fn asked for its own request: don't wait for itself
             return (await _trip(io, keys, messages, model, ttl_ms, s, 0))[0]

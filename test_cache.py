@@ -1283,6 +1283,25 @@ def test_sync_and_async_callers_share_entries_and_statistics(client):
         loop.close()
 
 
+def test_sync_and_async_callers_without_redis_keep_to_their_own_flights(monkeypatch, caplog):
+    monkeypatch.setenv("REDIS_URL", "notaurl")  # no client on either path: both have None for one
+    started, release, outcome = threading.Event(), threading.Event(), {}
+
+    def slow():
+        started.set()
+        release.wait(timeout=10)
+        return {"by": "thread"}
+
+    thread = threading.Thread(target=lambda: outcome.update(thread=cache.get_or_set(MSGS, "m", slow)))
+    with caplog.at_level(logging.ERROR, logger="cache"):
+        thread.start()
+        started.wait(timeout=10)
+        outcome["task"] = asyncio.run(cache.aget_or_set(MSGS, "m", counting({"by": "task"})))
+        release.set()
+        thread.join(timeout=10)
+    assert outcome == {"thread": {"by": "thread"}, "task": {"by": "task"}}
+
+
 def test_1000_tasks_make_one_call_through_one_redis_waiter(server):
     admin, keys = server.client(), cache._keys(MSGS, "m", None)
     admin.set(keys[1], "another worker", px=30_000)  # so the tasks wait in Redis, not only on each other
