@@ -1847,6 +1847,23 @@ def test_cluster_single_flight_is_one_call(cluster):
     assert int(c.get(cache.PREFIX + "calls")) == 1
 
 
+def test_async_cluster_waiters_get_the_answer_stored_while_they_wait(cluster):
+    c, nodes = cluster
+    keys = cache._keys(MSGS, "m", None)
+    c.set(keys[1], "another worker", px=30_000)
+
+    async def main():
+        r = redis.asyncio.RedisCluster(host="127.0.0.1", port=nodes[0].port)
+        tasks = [asyncio.ensure_future(cache.aget_or_set(MSGS, "m", counting("called"), client=r)) for _ in range(3)]
+        await asyncio.sleep(0.3)
+        run_script(c, cache._FINISH, keys, "another worker", json.dumps(ANSWER), 0, 60_000, 10_000, 60_000)
+        answers = await asyncio.wait_for(asyncio.gather(*tasks), 20)  # before the lock (30 s) runs out
+        await r.aclose()
+        return answers
+
+    assert asyncio.run(main()) == [ANSWER] * 3
+
+
 # ---------------------------------------------------------------- statistics
 
 def test_stats_count_hits_misses_and_tokens_saved(ask, client):
