@@ -10,7 +10,6 @@ import copy
 import functools
 import hashlib
 import inspect
-import itertools
 import json
 import logging
 import math
@@ -46,9 +45,9 @@ _MISS = object()  # a cached None, "" or [] is a hit
 _ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 _down_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to try it again
 _warned_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to warn of its errors again
-_flights: dict[tuple[int, type, str], _Flight] = {}  # (client, I/O, entry) -> this process's caller leading it
+_flights: dict[tuple[int, Any, str], _Flight] = {}  # (client, threads or loop, entry) -> its caller leading it
 _wait_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> waiters' connections it may still open
-_loop_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> the clients made from REDIS_URL
+_loop_clients: dict[asyncio.AbstractEventLoop, dict] = {}  # event loop -> the clients made from REDIS_URL for it
 _tasks: set[asyncio.Task] = set()  # background tasks, held until they end
 _encodings: dict[str, Any] = {}  # tiktoken encoding name -> the encoding, once loaded
 _loads: dict[str, float] = {}  # encoding name -> when its last load failed (inf while one runs)
@@ -62,11 +61,12 @@ class _Flight:
     """One caller's way to an answer, through Redis and maybe the model; the process's other askers (threads, or
     tasks of its event loop) wait on it."""
 
-    __slots__ = ("ended", "leader", "joined", "counted", "data", "error", "traceback")
+    __slots__ = ("ended", "leader", "waiting", "counted", "data", "error", "traceback")
 
     def __init__(self, ended: threading.Lock | asyncio.Future, leader: object) -> None:
         self.ended, self.leader = ended, leader  # released, or done, when the leader has its answer or exception
-        self.joined, self.counted = itertools.count(), 0  # each follower takes a number; the leader counts them
+        self.waiting: set[_Flight] = set()  # its followers; the leader counts those it answers as hits
+        self.counted: set[_Flight] = set()
         self.data: str | bytes | None = None  # the answer's JSON, if it may be shared
         self.error: Exception | None = None
         self.traceback: types.TracebackType | None = None
@@ -211,7 +211,11 @@ def _redis(client: Any, sync: bool = True) -> Any:
     url, timeout = os.environ.get("REDIS_URL", "redis://localhost:6379/0"), REDIS_TIMEOUT
     if sync:
         return _from_url(url, timeout)
-    made = _loop_clients.setdefault(asyncio.get_running_loop(), {})  # an asyncio client serves one loop only
+    loop = asyncio.get_running_loop()  # an asyncio client serves one loop only
+    if loop not in _loop_clients:  # a new loop: drop the clients of closed ones (they hold their loop alive)
+        for closed in [old for old in list(_loop_clients) if old.is_closed()]:
+            _loop_clients.pop(closed, None)
+    made = _loop_clients.setdefault(loop, {})
     if (url, timeout, type(timeout)) not in made:
         made[url, timeout, type(timeout)] = _client(url, timeout, sync)
     return made[url, timeout, type(timeout)]
@@ -351,6 +355,8 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
                client: redis.Redis | redis.RedisCluster | None = None, params: dict | None = None) -> Any:
     """call_fn()'s answer to this request, as JSON gives it back; the model is called only on a miss."""
     keys, ttl_ms, s = _checked(messages, model, call_fn, ttl, params)
+    if inspect.iscoroutinefunction(call_fn):
+        raise TypeError(f"call_fn is a coroutine function ({call_fn.__qualname__}): await aget_or_set for it")
     io, ended = _Blocking(_redis(client), call_fn), threading.Lock()
     ended.acquire()  # a lock, not an Event: an Event costs a hit 3 µs more
     return _now(_flow(io, keys, messages, model, ttl_ms, s, _Flight(ended, threading.get_ident())))
@@ -394,17 +400,22 @@ def _needs_arguments(fn: Callable) -> bool:
 async def _flow(io: Any, keys: list[str], messages: list, model: str, ttl_ms: int, s: _Settings,
                 mine: _Flight) -> Any:
     # Go's singleflight: one caller per process and request goes to Redis and the model, the others wait for it
-    flight_key, deadline = (id(io.r), type(io), keys[0]), time.monotonic() + MAX_WAIT  # (r None for both paths)
+    flight_key, deadline = (id(io.r), io.scope, keys[0]), time.monotonic() + MAX_WAIT
     while (flight := _flights.setdefault(flight_key, mine)) is not mine:  # atomic: one dict operation
         if flight.leader == mine.leader:  # call_fn asked for its own request: don't wait for itself
             return (await _trip(io, keys, messages, model, ttl_ms, s, 0))[0]
-        number = next(flight.joined)
-        if not await io.join(flight):  # waited MAX_WAIT, as a Redis waiter would: call the model itself
+        flight.waiting.add(mine)
+        try:
+            ended = await io.join(flight)
+        finally:
+            if not flight.counted:  # cancelled, or waited MAX_WAIT: it won't be answered, so it is no hit
+                flight.waiting.discard(mine)
+        if not ended:  # waited MAX_WAIT, as a Redis waiter would: call the model itself
             return (await _trip(io, keys, messages, model, ttl_ms, s, 0))[0]
         if flight.error is not None:  # a copy where one can be made, so that each caller has its own traceback
             raise _copied(flight.error).with_traceback(flight.traceback)
         if flight.data is not None:
-            if number >= flight.counted:  # joined as the leader counted its followers' hits
+            if mine not in flight.counted:  # it joined as the leader counted
                 await _count(io, keys, s, 1)
             return json.loads(flight.data)
         # neither answer nor exception (a stream, or a cancelled leader): the next in line leads
@@ -416,10 +427,10 @@ async def _flow(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
     finally:
         if _flights.get(flight_key) is mine:  # not if a fork in call_fn forgot it
             del _flights[flight_key]
-        mine.counted = next(mine.joined)
+        mine.counted = set(mine.waiting)  # (one step: a set is copied holding the GIL)
         mine.end()
     if mine.counted and mine.data is not None:  # the followers were answered from Redis too: hits, in one trip
-        await _count(io, keys, s, mine.counted)
+        await _count(io, keys, s, len(mine.counted))
     return result
 
 
@@ -461,7 +472,7 @@ async def _trip(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
             finishing = _finish(io, keys, token, data or "", tokens, ttl_ms, s, corrupt)
             if lost:  # after a timeout, the caller doesn't wait for another
                 io.later(finishing)
-            elif (stored := await finishing) is not None:  # another worker's answer came first: everyone gets it
+            elif (stored := await io.settle(finishing)) is not None:  # another worker's answer came first: it wins
                 result, data = stored
     return result, data
 
@@ -470,6 +481,8 @@ def _json(result: Any) -> tuple[Any, str | None]:
     """The answer as JSON gives it back, and that JSON; a stream is the caller's to consume, never cached."""
     if isinstance(result, (Iterator, AsyncIterator)):
         return result, None
+    if inspect.iscoroutine(result):  # a lambda around an async call, given to get_or_set
+        result.close()
     if hasattr(result, "model_dump"):  # pydantic, such as the openai SDK's ChatCompletion
         result = result.model_dump(mode="json")
     try:
@@ -523,10 +536,10 @@ async def _lookup(io: Any, keys: list[str], token: str, deadline: float,
                 await io.close(conn)
                 await io.sleep(min(reply, left * 1000, 50) / 1000)
     finally:
+        if slot and slots is not None:  # first: a second cancellation may interrupt the close
+            slots.release()
         if conn is not None:
             await io.close(conn)
-        if slot and slots is not None:
-            slots.release()
 
 
 def _pool(r: Any, key: str) -> tuple[Any, Any]:
@@ -590,6 +603,8 @@ async def _count(io: Any, keys: list[str], s: _Settings, hits: int) -> None:
 class _Blocking:
     """The flow's I/O for get_or_set: blocking sockets, and threads for what runs beside the caller."""
 
+    scope = "threads"  # whose callers may share a flight (a client is None for every path when REDIS_URL is bad)
+
     def __init__(self, r: Any, call_fn: Callable[[], Any]) -> None:
         self.r, self.call_fn = r, call_fn
 
@@ -629,12 +644,15 @@ class _Blocking:
         if not _start(_now, coroutine):
             _now(coroutine)
 
+    async def settle(self, coroutine: Coroutine) -> Any:
+        return await coroutine
+
 
 class _Async:
     """The flow's I/O for aget_or_set: redis.asyncio, and tasks for what runs beside the caller."""
 
     def __init__(self, r: Any, call_fn: Callable[[], Any]) -> None:
-        self.r, self.call_fn = r, call_fn
+        self.r, self.call_fn, self.scope = r, call_fn, asyncio.get_running_loop()
 
     async def command(self, *args: Any) -> Any:
         return await self.r.execute_command(*args, NEVER_DECODE=True)
@@ -669,10 +687,14 @@ class _Async:
             if renewal:
                 renewal.cancel()
 
-    def later(self, coroutine: Coroutine) -> None:
+    def later(self, coroutine: Coroutine) -> asyncio.Task:
         task = asyncio.ensure_future(coroutine)
         _tasks.add(task)
         task.add_done_callback(_tasks.discard)
+        return task
+
+    async def settle(self, coroutine: Coroutine) -> Any:  # a store and release that a cancellation can't stop
+        return await asyncio.shield(self.later(coroutine))
 
 
 def _now(coroutine: Coroutine) -> Any:

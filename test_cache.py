@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import enum
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -559,6 +561,9 @@ class Needy:
     def ask(self, question):
         return ANSWER
 
+    async def answer(self):
+        return ANSWER
+
 
 @pytest.mark.parametrize("change, error, message", [
     ({"messages": "hello"}, TypeError, "messages must be a list of dicts"),
@@ -571,6 +576,7 @@ class Needy:
     ({"call_fn": lambda messages: ANSWER}, TypeError, "call_fn must be a callable taking no arguments"),
     ({"call_fn": lambda *, model: ANSWER}, TypeError, "call_fn must be a callable taking no arguments"),
     ({"call_fn": Needy().ask}, TypeError, "call_fn must be a callable taking no arguments, got Needy.ask"),
+    ({"call_fn": Needy().answer}, TypeError, "call_fn is a coroutine function (Needy.answer): await aget_or_set"),
     ({"messages": nested(100_000)}, TypeError, "messages must be a list of dicts, got [[[[[["),
     ({"ttl": 0}, ValueError, "ttl must be from 0.001 to 9223367741887479 seconds, got 0"),
     ({"ttl": -5}, ValueError, "ttl must be from 0.001 to 9223367741887479 seconds, got -5"),
@@ -1283,23 +1289,100 @@ def test_sync_and_async_callers_share_entries_and_statistics(client):
         loop.close()
 
 
-def test_sync_and_async_callers_without_redis_keep_to_their_own_flights(monkeypatch, caplog):
-    monkeypatch.setenv("REDIS_URL", "notaurl")  # no client on either path: both have None for one
-    started, release, outcome = threading.Event(), threading.Event(), {}
+def test_threads_and_each_loop_without_redis_keep_to_their_own_flights(monkeypatch, caplog):
+    monkeypatch.setenv("REDIS_URL", "notaurl")  # no client on any path: each has None for one
+    started, release, outcome, loop = threading.Event(), threading.Event(), {}, Loop()
 
     def slow():
         started.set()
         release.wait(timeout=10)
         return {"by": "thread"}
 
+    async def slow_task():
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
+        return {"by": "a task of another loop"}
+
     thread = threading.Thread(target=lambda: outcome.update(thread=cache.get_or_set(MSGS, "m", slow)))
     with caplog.at_level(logging.ERROR, logger="cache"):
         thread.start()
         started.wait(timeout=10)
+        other = asyncio.run_coroutine_threadsafe(cache.aget_or_set(MSGS, "m", slow_task), loop.loop)
+        time.sleep(0.1)  # that loop's task leads a flight of its own now
         outcome["task"] = asyncio.run(cache.aget_or_set(MSGS, "m", counting({"by": "task"})))
         release.set()
         thread.join(timeout=10)
-    assert outcome == {"thread": {"by": "thread"}, "task": {"by": "task"}}
+        outcome["other"] = other.result(timeout=10)
+    loop.close()
+    assert outcome == {"thread": {"by": "thread"}, "task": {"by": "task"}, "other": {"by": "a task of another loop"}}
+
+
+def test_a_loop_per_call_leaves_no_client_or_connection_behind(server, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", server.url)
+    admin = server.client()
+    for n in range(20):  # as a sync program calling asyncio.run per job does
+        asyncio.run(cache.aget_or_set([{"role": "user", "content": str(n)}], "m", counting()))
+    gc.collect()
+    assert len(cache._loop_clients) == 1  # the last loop's, until another loop asks
+    assert len(admin.client_list()) <= 2  # this one, and the last loop's
+
+
+def test_a_cancellation_during_the_store_still_stores_and_releases(ask_async_client, client):
+    loop, aclient = ask_async_client
+    keys = cache._keys(MSGS, "m", None)
+
+    async def main():
+        me = asyncio.current_task()
+
+        def answer():  # the cancellation lands at the next step of the loop: in the store
+            asyncio.get_running_loop().call_soon(me.cancel)
+            return ANSWER
+
+        await cache.aget_or_set(MSGS, "m", answer, client=aclient)
+
+    with pytest.raises(concurrent.futures.CancelledError):
+        loop.run(main())
+    _until(lambda: client.exists(keys[1]) == 0 and client.exists(keys[0]) == 1)
+    assert loop.run(cache.aget_or_set(MSGS, "m", counting("called again"), client=aclient)) == ANSWER
+
+
+def test_followers_that_give_up_are_no_hits(ask_async_client, monkeypatch):
+    loop, aclient = ask_async_client
+
+    async def slow():
+        await asyncio.sleep(0.5)
+        return ANSWER
+
+    async def main():
+        leader = asyncio.ensure_future(cache.aget_or_set(MSGS, "m", slow, client=aclient))
+        await asyncio.sleep(0.05)
+        gave_up = await asyncio.gather(*[asyncio.wait_for(cache.aget_or_set(MSGS, "m", slow, client=aclient), 0.1)
+                                         for _ in range(10)], return_exceptions=True)
+        return await leader, gave_up
+
+    answer, gave_up = loop.run(main())
+    assert answer == ANSWER and all(isinstance(g, asyncio.TimeoutError) for g in gave_up)
+    stats = loop.run(cache.astats(client=aclient))
+    assert (stats["hits"], stats["misses"], stats["tokens_saved"]) == (0, 1, 0)
+
+
+def test_threads_that_wait_max_wait_and_call_are_no_hits(client, monkeypatch):
+    monkeypatch.setattr(cache, "MAX_WAIT", 0.1)
+    finished, calls = [], []
+
+    def slow():
+        calls.append(1)
+        if len(calls) == 1:  # the leader holds on until the three threads that gave up on it have answers
+            _until(lambda: len(finished) == 3)
+        return ANSWER
+
+    def ask():
+        answer = cache.get_or_set(MSGS, "m", slow, client=client)
+        finished.append(answer)
+        return answer
+
+    assert _in_threads(4, ask) == [ANSWER] * 4
+    stats = cache.stats(client=client)  # a thread that gave up may find another's answer stored: that is a hit
+    assert (stats["hits"], stats["misses"]) == (4 - len(calls), 1) and len(calls) >= 2
 
 
 def test_1000_tasks_make_one_call_through_one_redis_waiter(server):
@@ -1699,9 +1782,9 @@ class DelayingProxy:
         while True:
             try:
                 down, _ = self.listener.accept()
-            except OSError:
+                up = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:  # closed, or its server is gone with the test
                 return
-            up = socket.create_connection(("127.0.0.1", self.upstream))
             threading.Thread(target=self._pipe, args=(down, up, False), daemon=True).start()
             threading.Thread(target=self._pipe, args=(up, down, True), daemon=True).start()
 
