@@ -66,7 +66,7 @@ class _Flight:
     def __init__(self, ended: threading.Lock | asyncio.Future, leader: object) -> None:
         self.ended, self.leader = ended, leader  # released, or done, when the leader has its answer or exception
         self.waiting: set[_Flight] = set()  # its followers; the leader counts those it answers as hits
-        self.counted: set[_Flight] = set()
+        self.counted: set[_Flight] | frozenset = frozenset()  # the followers it counted, once it has its answer
         self.data: str | bytes | None = None  # the answer's JSON, if it may be shared
         self.error: Exception | None = None
         self.traceback: types.TracebackType | None = None
