@@ -212,9 +212,8 @@ def _redis(client: Any, sync: bool = True) -> Any:
     if sync:
         return _from_url(url, timeout)
     loop = asyncio.get_running_loop()  # an asyncio client serves one loop only
-    if loop not in _loop_clients:  # a new loop: drop the clients of closed ones (they hold their loop alive)
-        for closed in [old for old in list(_loop_clients) if old.is_closed()]:
-            _loop_clients.pop(closed, None)
+    for closed in [old for old in list(_loop_clients) if old.is_closed()]:  # they would hold their loop alive
+        _loop_clients.pop(closed, None)
     made = _loop_clients.setdefault(loop, {})
     if (url, timeout, type(timeout)) not in made:
         made[url, timeout, type(timeout)] = _client(url, timeout, sync)
@@ -406,7 +405,7 @@ async def _flow(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
             return (await _trip(io, keys, messages, model, ttl_ms, s, 0))[0]
         flight.waiting.add(mine)
         try:
-            ended = await io.join(flight)
+            ended = await io.join(flight) or mine in flight.counted  # counted as it gave up: it takes the answer
         finally:
             if not flight.counted:  # cancelled, or waited MAX_WAIT: it won't be answered, so it is no hit
                 flight.waiting.discard(mine)
@@ -581,13 +580,19 @@ async def _renewal(io: Any, lock: str, token: str, lock_ms: int) -> None:
 async def _finish(io: Any, keys: list[str], token: str, data: str | bytes, tokens: int, ttl_ms: int, s: _Settings,
                   corrupt: tuple[bytes, ...]) -> tuple[Any, bytes] | None:
     """Store, release and wake; the answer stored before this one, if there was one."""
-    try:
-        stored = await _script(io, _FINISH, keys, token, data, tokens, ttl_ms, s.lock_ms, s.stats_ms, *corrupt)
-        return None if stored is None else (json.loads(stored), stored)
-    except _ERRORS as e:
-        _failed(io.r, e)
-    except (ValueError, RecursionError):  # the first answer is corrupt; the next reader replaces it
-        pass
+    for again in (True, False):
+        try:
+            stored = await _script(io, _FINISH, keys, token, data, tokens, ttl_ms, s.lock_ms, s.stats_ms, *corrupt)
+            return None if stored is None else (json.loads(stored), stored)
+        except redis.ConnectionError as e:  # dropped during the call (a restart, an idle timeout): once more, as
+            if again and not _exhausted(e):  # a client's own retry would; the owner check makes a repeat harmless
+                continue
+            _failed(io.r, e)
+        except _ERRORS as e:
+            _failed(io.r, e)
+        except (ValueError, RecursionError):  # the first answer is corrupt; the next reader replaces it
+            pass
+        return None
     return None
 
 

@@ -1326,6 +1326,23 @@ def test_a_loop_per_call_leaves_no_client_or_connection_behind(server, monkeypat
     assert len(admin.client_list()) <= 2  # this one, and the last loop's
 
 
+def test_a_long_lived_loop_drops_the_clients_of_loops_closed_meanwhile(server, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", server.url)
+    main = Loop()
+    try:
+        main.run(cache.aget_or_set(MSGS, "m", counting()))
+        threads = [threading.Thread(target=asyncio.run, args=(cache.aget_or_set(MSGS, "m", counting()),))
+                   for _ in range(5)]  # each runs a loop of its own, and closes it
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        main.run(cache.aget_or_set(MSGS, "m", counting()))
+        assert list(cache._loop_clients) == [main.loop]
+    finally:
+        main.close()
+
+
 def test_a_cancellation_during_the_store_still_stores_and_releases(ask_async_client, client):
     loop, aclient = ask_async_client
     keys = cache._keys(MSGS, "m", None)
@@ -1363,6 +1380,47 @@ def test_followers_that_give_up_are_no_hits(ask_async_client, monkeypatch):
     assert answer == ANSWER and all(isinstance(g, asyncio.TimeoutError) for g in gave_up)
     stats = loop.run(cache.astats(client=aclient))
     assert (stats["hits"], stats["misses"], stats["tokens_saved"]) == (0, 1, 0)
+
+
+def test_a_follower_counted_just_as_it_gave_up_takes_the_answer(ask_async_client, monkeypatch):
+    loop, aclient = ask_async_client
+
+    async def join_timing_out_as_the_leader_ends(self, flight):  # MAX_WAIT runs out as the leader counts it
+        await asyncio.shield(flight.ended)
+        return False
+
+    monkeypatch.setattr(cache._Async, "join", join_timing_out_as_the_leader_ends)
+    call_fn = counting()
+
+    async def main():
+        return await asyncio.gather(*[cache.aget_or_set(MSGS, "m", call_fn, client=aclient) for _ in range(2)])
+
+    assert loop.run(main()) == [ANSWER, ANSWER]
+    stats = loop.run(cache.astats(client=aclient))
+    assert call_fn.calls == 1 and (stats["hits"], stats["misses"]) == (1, 1)  # counted once, by the leader
+
+
+def test_a_connection_dropped_during_the_call_still_stores_and_releases(server, caplog):
+    admin, keys = server.client(), cache._keys(MSGS, "m", None)
+
+    async def main():
+        r = redis.asyncio.Redis.from_url(server.url, client_name="app")  # as a user makes one: no retry of its own
+
+        async def call_fn():
+            await asyncio.sleep(0.05)
+            for c in admin.client_list():  # a restart, or the server's idle timeout, during the call
+                if c["name"] == "app":
+                    admin.client_kill_filter(_id=c["id"])
+            return ANSWER
+
+        with caplog.at_level(logging.WARNING, logger="cache"):
+            answer = await cache.aget_or_set(MSGS, "m", call_fn, client=r)
+        await r.aclose()
+        return answer
+
+    assert asyncio.run(main()) == ANSWER
+    assert admin.exists(keys[0]) == 1 and admin.exists(keys[1]) == 0
+    assert not [rec for rec in caplog.records if "Redis failed" in rec.message]
 
 
 def test_threads_that_wait_max_wait_and_call_are_no_hits(client, monkeypatch):
