@@ -87,6 +87,7 @@ def _forget_flights() -> None:  # a forked child inherits the flights and loads,
     _flights.clear()
     _wait_slots.clear()
     _loads.clear()
+    _loop_clients.clear()  # the parent's loops and their connections are the parent's
 
 
 os.register_at_fork(after_in_child=_forget_flights)

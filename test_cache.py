@@ -1316,6 +1316,24 @@ def test_threads_and_each_loop_without_redis_keep_to_their_own_flights(monkeypat
     assert outcome == {"thread": {"by": "thread"}, "task": {"by": "task"}, "other": {"by": "a task of another loop"}}
 
 
+def _fork_and_ask_async(results):
+    results.put((len(cache._loop_clients), asyncio.run(cache.aget_or_set(MSGS, "m", counting("wrong")))))
+
+
+def test_a_forked_child_makes_clients_of_its_own(server, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", server.url)
+    parent = Loop()  # a loop the child inherits, with a client whose connection is the parent's
+    try:
+        assert parent.run(cache.aget_or_set(MSGS, "m", counting())) == ANSWER
+        results = FORK.Queue()
+        child = FORK.Process(target=_fork_and_ask_async, args=(results,))
+        child.start()
+        assert results.get(timeout=30) == (0, ANSWER)  # none of the parent's clients; the answer, from Redis
+        child.join(timeout=10)
+    finally:
+        parent.close()
+
+
 def test_a_loop_per_call_leaves_no_client_or_connection_behind(server, monkeypatch):
     monkeypatch.setenv("REDIS_URL", server.url)
     admin = server.client()
