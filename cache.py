@@ -215,10 +215,10 @@ def _redis(client: Any, sync: bool = True) -> Any:
     loop = asyncio.get_running_loop()  # an asyncio client serves one loop only
     for closed in [old for old in list(_loop_clients) if old.is_closed()]:  # they would hold their loop alive
         _loop_clients.pop(closed, None)
-    made = _loop_clients.setdefault(loop, {})
-    if (url, timeout, type(timeout)) not in made:
-        made[url, timeout, type(timeout)] = _client(url, timeout, sync)
-    return made[url, timeout, type(timeout)]
+    made, key = _loop_clients.setdefault(loop, {}), (url, timeout, type(timeout))
+    if key not in made:
+        made[key] = _client(url, timeout, sync)
+    return made[key]
 
 
 @functools.cache  # isinstance with the pipeline classes costs 2 µs a call
@@ -585,16 +585,16 @@ async def _finish(io: Any, keys: list[str], token: str, data: str | bytes, token
         try:
             stored = await _script(io, _FINISH, keys, token, data, tokens, ttl_ms, s.lock_ms, s.stats_ms, *corrupt)
             return None if stored is None else (json.loads(stored), stored)
-        except redis.ConnectionError as e:  # dropped during the call (a restart, an idle timeout): once more, as
-            if again and not _exhausted(e):  # a client's own retry would; the owner check makes a repeat harmless
-                continue
-            _failed(io.r, e)
         except _ERRORS as e:
+            # dropped during the call (a restart, an idle timeout): once more, as a client's own retry would;
+            # the owner check makes a repeat harmless
+            if again and isinstance(e, redis.ConnectionError) and not _exhausted(e):
+                continue
             _failed(io.r, e)
         except (ValueError, RecursionError):  # the first answer is corrupt; the next reader replaces it
             pass
         return None
-    return None
+    return None  # (not reached: the second try returns)
 
 
 async def _count(io: Any, keys: list[str], s: _Settings, hits: int) -> None:
