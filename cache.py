@@ -2,6 +2,7 @@
 
     out = get_or_set(messages, "gpt-4.1-mini", lambda: client.chat.completions.create(...).model_dump())
     out = await aget_or_set(messages, "gpt-4.1-mini", lambda: aclient.chat.completions.create(...))
+    out = cached(client.chat.completions.create, model="gpt-4.1-mini", messages=messages)  # keyed on it all
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, NamedTuple
 
 import redis
@@ -39,8 +40,16 @@ STATS_TTL = 30 * 24 * 3600  # how long a stats shard outlives its last miss or w
 RETRY_AFTER = 5  # how long to leave a failed Redis alone: an outage costs one timeout, not one per call
 REDIS_TIMEOUT = 0.5  # socket timeouts of the client made from REDIS_URL: the most a frozen Redis costs a call
 DEFAULT_ENCODING = "cl100k_base"  # tiktoken's encoding for models it does not know
+TRANSPORT_ONLY = ("timeout", "extra_headers")  # cached()'s keyword arguments that can't change the answer
 
 log = logging.getLogger(__name__)
+
+
+class StreamInterrupted(Exception):
+    """A streamed answer broke off after some of its chunks were handed out, because the caller streaming it
+    from the model failed or stopped. Nothing was stored: ask again for the whole answer."""
+
+
 _MISS = object()  # a cached None, "" or [] is a hit
 _ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 _down_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to try it again
@@ -155,6 +164,11 @@ def _keys(messages: Any, model: Any, params: Any) -> list[str]:
 def _tokens(messages: list, model: str, value: Any) -> int:
     """What producing an answer cost: its usage.total_tokens, else tiktoken's count of prompt and answer."""
     try:
+        if isinstance(value, _Stored):  # a stream's chunks: the last one's usage, else their deltas' text
+            last = value[-1] if value and isinstance(value[-1], dict) else {}
+            text = "".join((choice.get("delta") or {}).get("content") or "" for chunk in value
+                           for choice in (chunk.get("choices") or [] if isinstance(chunk, dict) else []))
+            value = {"usage": last.get("usage"), "choices": [{"message": {"content": text}}]}
         usage = value.get("usage") if isinstance(value, dict) else None
         if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
             return usage["total_tokens"]
@@ -320,15 +334,24 @@ if hits == n then  -- a new window: the shard's TTL needs refreshing only once a
 end
 return e[1]
 """)
-# KEYS[1] a lock.  ARGV: 1 the holder's token, 2 LOCK_TTL ms.  Returns 1 if the lock was still the holder's.
+# KEYS: 1 a lock, 2 its stream.  ARGV: 1 the holder's token, 2 LOCK_TTL ms.  Returns 1 if the lock was still the
+# holder's; then the chunks it published live as long as the lock.
 _RENEW = _Script(b"""
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+""")
+# KEYS: 1 a lock, 2 its stream.  ARGV: 1 the holder's token, 2 the chunk's index, 3 its JSON, 4 LOCK_TTL ms.
+# Publishes a chunk of a streamed answer to the waiters, if the lock is still the holder's; returns 1 if so.
+_PUBLISH = _Script(b"""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('XADD', KEYS[2], '*', 'i', ARGV[2], 'c', ARGV[3])
+return redis.call('PEXPIRE', KEYS[2], ARGV[4])
 """)
 # KEYS as _READ.  ARGV: 1 lock token, 2 JSON value ('' stores nothing), 3 its tokens, 4 ttl ms, 5 LOCK_TTL ms,
 # 6 STATS_TTL ms, 7 (optional) the corrupt value the caller found.  The first answer stored wins: the value is
 # stored only over no entry, another type or that corrupt value, else the stored one is returned.  Releases the
-# lock if the caller still owns it, and wakes the waiters if either happened.
+# lock if the caller still owns it, and wakes the waiters if either happened (trimming a stream's chunks).
 _FINISH = _Script(b"""
 local stored, wake = nil, false
 if ARGV[2] ~= '' then
@@ -353,22 +376,61 @@ return stored
 
 def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl: float | None = None, *,
                client: redis.Redis | redis.RedisCluster | None = None, params: dict | None = None) -> Any:
-    """call_fn()'s answer to this request, as JSON gives it back; the model is called only on a miss."""
+    """call_fn()'s answer to this request, as JSON gives it back; the model is called only on a miss. If call_fn
+    returns an iterator (a stream), the answer is an iterator of its chunks, as JSON gives them back."""
     keys, ttl_ms, s = _checked(messages, model, call_fn, ttl, params)
     if inspect.iscoroutinefunction(call_fn):
         raise TypeError(f"call_fn is a coroutine function ({call_fn.__qualname__}): await aget_or_set for it")
     io, ended = _Blocking(_redis(client), call_fn), threading.Lock()
     ended.acquire()  # a lock, not an Event: an Event costs a hit 3 µs more
-    return _now(_flow(io, keys, messages, model, ttl_ms, s, _Flight(ended, threading.get_ident())))
+    result = _now(_flow(io, keys, messages, model, ttl_ms, s, _Flight(ended, threading.get_ident())))
+    if isinstance(result, (_Stored, _Live, _Lead)):
+        return _Chunks(_relay(io, keys, messages, model, ttl_ms, s, result))
+    return result
 
 
 async def aget_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl: float | None = None, *,
                       client: redis.asyncio.Redis | redis.asyncio.RedisCluster | None = None,
                       params: dict | None = None) -> Any:
-    """get_or_set for asyncio: call_fn may return an awaitable, and no wait blocks the event loop."""
+    """get_or_set for asyncio: call_fn may return an awaitable, and no wait blocks the event loop. A stream
+    (an iterator or async iterator, such as AsyncStream) is answered with an async iterator of its chunks."""
     keys, ttl_ms, s = _checked(messages, model, call_fn, ttl, params)
     io = _Async(_redis(client, sync=False), call_fn)
-    return await _flow(io, keys, messages, model, ttl_ms, s, _Flight(asyncio.Future(), asyncio.current_task()))
+    result = await _flow(io, keys, messages, model, ttl_ms, s, _Flight(asyncio.Future(), asyncio.current_task()))
+    if not isinstance(result, (_Stored, _Live, _Lead)):
+        return result
+    relay = _relay(io, keys, messages, model, ttl_ms, s, result)
+    await relay.__anext__()  # primed, so that dropping it unread closes it: a lock it holds is released
+    return relay
+
+
+def cached(create_fn: Callable[..., Any], /, *, ttl: float | None = None,
+           client: redis.Redis | redis.RedisCluster | None = None, **request: Any) -> Any:
+    """create_fn(**request)'s answer, keyed on the whole request: every keyword argument but TRANSPORT_ONLY ones
+    is in the key, so none can be left out of it. model and messages are keyword arguments, as the openai SDK
+    takes them. Returns what get_or_set returns."""
+    messages, model, params = _request(create_fn, request)
+    return get_or_set(messages, model, lambda: create_fn(**request), ttl, client=client, params=params)
+
+
+async def acached(create_fn: Callable[..., Any], /, *, ttl: float | None = None,
+                  client: redis.asyncio.Redis | redis.asyncio.RedisCluster | None = None, **request: Any) -> Any:
+    """cached for asyncio, such as AsyncOpenAI's create."""
+    messages, model, params = _request(create_fn, request)
+    return await aget_or_set(messages, model, lambda: create_fn(**request), ttl, client=client, params=params)
+
+
+def _request(create_fn: Any, request: dict) -> tuple[Any, Any, dict]:
+    """A request's messages, model and other keyword arguments, or the error that names one that is no JSON."""
+    if not callable(create_fn):
+        raise TypeError(f"create_fn must be callable, got {type(create_fn).__name__}")
+    params = {name: value for name, value in request.items() if name not in TRANSPORT_ONLY}
+    for name, value in params.items():
+        try:
+            _canonical(value)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise TypeError(f"{name} must be JSON to be part of the key, got {type(value).__name__}: {e}") from None
+    return params.pop("messages", None), params.pop("model", None), params
 
 
 def _checked(messages: Any, model: Any, call_fn: Any, ttl: Any, params: Any) -> tuple[list[str], int, _Settings]:
@@ -417,7 +479,7 @@ async def _flow(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
         if flight.data is not None:
             if mine not in flight.counted:  # it joined as the leader counted
                 await _count(io, keys, s, 1)
-            return json.loads(flight.data)
+            return _decoded(flight.data)
         # neither answer nor exception (a stream, or a cancelled leader): the next in line leads
     try:
         result, mine.data = await _trip(io, keys, messages, model, ttl_ms, s, deadline)
@@ -442,15 +504,16 @@ def _copied(error: Exception) -> Exception:
 
 
 async def _trip(io: Any, keys: list[str], messages: list, model: str, ttl_ms: int, s: _Settings,
-                deadline: float) -> tuple[Any, str | bytes | None]:
-    """The answer, and its JSON if it may be shared: from Redis, or from call_fn while holding the lock."""
+                deadline: float, waiter: _Waiter | None = None) -> tuple[Any, str | bytes | None]:
+    """The answer, and its JSON if it may be shared: from Redis, or from call_fn while holding the lock. A
+    streamed answer is _Stored, _Live or _Lead, for _relay."""
     r, token, lost = io.r, secrets.token_hex(8), False
     corrupt: tuple[bytes, ...] = ()
     data: str | bytes | None
     may_hold = r is not None and _down_until.get(r, 0) <= time.monotonic()
     if may_hold:  # else Redis failed moments ago: don't wait on it again yet
         try:
-            value, data, corrupt = await _lookup(io, keys, token, deadline, s)
+            value, data, corrupt = await _lookup(io, keys, token, deadline, s, waiter or _Waiter())
             if _down_until.pop(r, None):
                 log.warning("llm cache: Redis answers again, caching resumed")
             if value is not _MISS:
@@ -463,11 +526,14 @@ async def _trip(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
         except BaseException:  # cancelled or interrupted, maybe just after the script gave it the lock
             io.later(_finish(io, keys, token, "", 0, ttl_ms, s, corrupt))
             raise
-    result, data = None, None
+    result, data, stop = None, None, io.renew(keys[1:3], token, s.lock_ms) if may_hold else None
     try:
-        result, data = _json(await io.call((keys[1], token, s.lock_ms) if may_hold else None))
+        result, data = _json(await io.call(), io.streams)
+        if data is None:  # a stream: _relay stores it and releases the lock when it ends
+            result, stop = _Lead(result, token if may_hold else None, corrupt, lost, stop), None
     finally:  # also when call_fn raised: release the lock at once, so the next caller need not wait
-        if may_hold:
+        if stop is not None:
+            stop()
             tokens = _tokens(messages, model, result) if data else 0
             finishing = _finish(io, keys, token, data or "", tokens, ttl_ms, s, corrupt)
             if lost:  # after a timeout, the caller doesn't wait for another
@@ -477,68 +543,96 @@ async def _trip(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
     return result, data
 
 
-def _json(result: Any) -> tuple[Any, str | None]:
-    """The answer as JSON gives it back, and that JSON; a stream is the caller's to consume, never cached."""
-    if isinstance(result, (Iterator, AsyncIterator)):
+def _json(result: Any, streams: tuple[type, ...] = (), what: str = "call_fn returned") -> tuple[Any, str | None]:
+    """The answer as JSON gives it back, and that JSON; a stream as it is, with None."""
+    if isinstance(result, streams):
         return result, None
     if inspect.iscoroutine(result):  # a lambda around an async call, given to get_or_set
         result.close()
+        raise TypeError(f"{what} a coroutine: await aget_or_set (or acached) for an async call")
     if hasattr(result, "model_dump"):  # pydantic, such as the openai SDK's ChatCompletion
         result = result.model_dump(mode="json")
     try:
         data = json.dumps(result, separators=(",", ":"), allow_nan=False)
         return json.loads(data), data  # exactly what a later hit returns
     except (TypeError, ValueError, RecursionError) as e:
-        raise TypeError(f"call_fn returned a {type(result).__name__}, not JSON or pydantic: {e}") from None
+        raise TypeError(f"{what} a {type(result).__name__}, not JSON or pydantic: {e}") from None
 
 
-async def _lookup(io: Any, keys: list[str], token: str, deadline: float,
-                  s: _Settings) -> tuple[Any, str | bytes | None, tuple[bytes, ...]]:
+async def _lookup(io: Any, keys: list[str], token: str, deadline: float, s: _Settings,
+                  waiter: _Waiter) -> tuple[Any, str | bytes | None, tuple[bytes, ...]]:
     """The cached value and its JSON; or _MISS once the caller should call the model (holding the lock unless it
-    waited until the deadline). Last, a corrupt value found on the way, which the caller's store may replace."""
+    waited until the deadline); or _Live chunks the holder is streaming. Last, a corrupt value found on the way,
+    which the caller's store may replace."""
     corrupt: tuple[bytes, ...] = ()
-    last_corrupt, conn, slots, slot, seen = corrupt, None, None, False, "0-0"
+    last_corrupt, live = corrupt, None
     try:
         while True:
             reply = await _script(io, _READ, keys, token, *s, int(time.time() * 1000), 1, *last_corrupt)
             last_corrupt = ()
             if not isinstance(reply, int):
                 try:
-                    return json.loads(reply), reply, corrupt
+                    return _decoded(reply), reply, corrupt
                 except (ValueError, RecursionError):  # not JSON, or not UTF-8: the next read takes back its hit
                     corrupt = last_corrupt = (reply,)
                     continue
             left = deadline - time.monotonic()
             if reply == 0 or left <= 0:
                 return _MISS, None, corrupt
-            # Sleep until the holder stores its answer or its lock expires. On a connection of the waiter's own,
-            # so that waiters never hold the pool's connections, but no more of them than the pool may open;
-            # past that, or if the server refuses one (maxclients), poll every 50 ms.
-            if slots is None:
-                owner, pool = _pool(io.r, keys[2])
-                slots = _wait_slots.setdefault(owner, threading.BoundedSemaphore(pool.max_connections))
-                slot = slots.acquire(blocking=False)
-                if slot:
-                    conn = pool.connection_class(**pool.connection_kwargs)
-                    timeout = conn.socket_timeout  # blocks last up to this, and the reply may take as long again
-                    conn.socket_timeout = 2 * timeout if timeout else None
-            if conn is None:
-                await io.sleep(min(reply, left * 1000, 50) / 1000)
-                continue
-            block = max(1, int(min(reply, left * 1000, (timeout or 1) * 1000)))
-            try:  # from the last entry seen: one a late holder stored, and which expired since, wakes no one
-                woken = await io.xread(conn, "XREAD", "COUNT", 1, "BLOCK", block, "STREAMS", keys[2], seen)
-                if woken:  # RESP3 replies a map, RESP2 a list of [stream, entries]
-                    seen = (next(iter(woken.values())) if isinstance(woken, dict) else woken[0][1])[-1][0]
-            except redis.TimeoutError:  # slow, or frozen: the next read tells
-                await io.close(conn)
-            except redis.ConnectionError:  # dropped, or refused (maxclients): poll once, then connect again
-                await io.close(conn)
-                await io.sleep(min(reply, left * 1000, 50) / 1000)
+            chunks = await waiter.wait(io, keys[2], min(reply, left * 1000))
+            if chunks:
+                live = _Live(chunks, waiter)
+                return live, None, corrupt
     finally:
-        if slot and slots is not None:  # first: a second cancellation may interrupt the close
-            slots.release()
-        if conn is not None:
+        if live is None:
+            await waiter.close(io)
+
+
+class _Waiter:
+    """A waiter's sleep until the holder stores its answer, publishes a chunk of it or its lock expires: on a
+    connection of the waiter's own, so that waiters never hold the pool's connections, but no more of them than
+    the pool may open; past that, or if the server refuses one (maxclients), it polls every 50 ms."""
+
+    def __init__(self) -> None:
+        self.conn: Any = None
+        self.slots: Any = None  # the pool's, once the waiter asked for one of its connections
+        self.timeout: Any = None
+        self.seen = "0-0"  # the last entry read: one a late holder stored, and which expired since, wakes no one
+
+    async def wait(self, io: Any, stream: str, ms: float) -> list[tuple[int, bytes]]:
+        """The chunks published since the last wait, if any: (index, JSON)."""
+        if self.slots is None:
+            owner, pool = _pool(io.r, stream)
+            self.slots = _wait_slots.setdefault(owner, threading.BoundedSemaphore(pool.max_connections))
+            if self.slots.acquire(blocking=False):
+                self.conn = conn = pool.connection_class(**pool.connection_kwargs)
+                self.timeout = conn.socket_timeout  # blocks last up to this, and the reply may take as long again
+                conn.socket_timeout = 2 * self.timeout if self.timeout else None
+        if self.conn is None:
+            await io.sleep(min(ms, 50) / 1000)
+            return []
+        try:
+            woken = await io.xread(self.conn, "XREAD", "BLOCK", max(1, int(min(ms, (self.timeout or 1) * 1000))),
+                                   "STREAMS", stream, self.seen)
+        except redis.TimeoutError:  # slow, or frozen: the next read tells
+            await io.close(self.conn)
+            return []
+        except redis.ConnectionError:  # dropped, or refused (maxclients): poll once, then connect again
+            await io.close(self.conn)
+            await io.sleep(min(ms, 50) / 1000)
+            return []
+        chunks = []
+        entries = (next(iter(woken.values())) if isinstance(woken, dict) else woken[0][1]) if woken else []
+        for entry, fields in entries:  # RESP3 replies a map, RESP2 a list of [stream, entries]
+            self.seen = entry
+            if fields[:1] == [b"i"]:  # a chunk; else the lock was released
+                chunks.append((int(fields[1]), fields[3]))
+        return chunks
+
+    async def close(self, io: Any) -> None:
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            self.slots.release()  # first: a second cancellation may interrupt the close
             await io.close(conn)
 
 
@@ -568,11 +662,12 @@ async def _script(io: Any, script: _Script, keys: list[str], *args: Any) -> Any:
             await io.sleep(0.002)
 
 
-async def _renewal(io: Any, lock: str, token: str, lock_ms: int) -> None:
+async def _renewal(io: Any, ended: Callable[[float], Awaitable[bool]], keys: list[str], token: str,
+                   lock_ms: int) -> None:
     # python-redis-lock's auto_renewal: the holder's lock outlives any call, and dies with the holder's process
-    while await io.holding(lock_ms / 3000):
+    while not await ended(lock_ms / 3000):
         try:
-            if not await _script(io, _RENEW, [lock], token, lock_ms):
+            if not await _script(io, _RENEW, keys, token, lock_ms):
                 return  # not the holder (any more): the first answer stored wins
         except _ERRORS:
             pass  # Redis is away; if it stays away the lock expires, which costs a duplicate call at most
@@ -584,7 +679,7 @@ async def _finish(io: Any, keys: list[str], token: str, data: str | bytes, token
     for again in (True, False):
         try:
             stored = await _script(io, _FINISH, keys, token, data, tokens, ttl_ms, s.lock_ms, s.stats_ms, *corrupt)
-            return None if stored is None else (json.loads(stored), stored)
+            return None if stored is None else (_decoded(stored), stored)
         except _ERRORS as e:
             # dropped during the call (a restart, an idle timeout): once more, as a client's own retry would;
             # the owner check makes a repeat harmless
@@ -606,10 +701,133 @@ async def _count(io: Any, keys: list[str], s: _Settings, hits: int) -> None:
             _failed(io.r, e)
 
 
+# A streamed answer is stored as one entry: RS (which JSON text never holds) and the JSON list of its chunks. While
+# the holder streams it, each chunk is also published to the request's stream, where its waiters read it live.
+
+class _Stored(list):
+    """A streamed answer's stored chunks, as JSON gives them back."""
+
+
+class _Live(NamedTuple):
+    """Chunks of its answer that the lock's holder is streaming from the model."""
+
+    chunks: list[tuple[int, bytes]]  # (index, JSON), as published so far
+    waiter: _Waiter  # the connection that reads the next ones
+
+
+class _Lead(NamedTuple):
+    """The model's stream, for the caller to relay, publish and, when it ends, store and release."""
+
+    source: Iterator | AsyncIterator
+    token: str | None  # the lock's, if the caller may hold it; None when Redis is down
+    corrupt: tuple[bytes, ...]
+    lost: bool  # the lock's reply was lost: the store must not hold the caller up
+    stop: Callable[[], None] | None  # ends the lock's renewal
+
+
+def _decoded(data: str | bytes) -> Any:
+    """An answer from its JSON; a streamed one's chunks as _Stored. ValueError if the JSON is corrupt."""
+    if data[:1] not in (b"\x1e", "\x1e"):
+        return json.loads(data)
+    chunks = json.loads(data[1:])
+    if not isinstance(chunks, list):
+        raise ValueError("a stream's entry holds no list of chunks")
+    return _Stored(chunks)
+
+
+async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: int, s: _Settings,
+                 got: _Stored | _Live | _Lead) -> AsyncGenerator[Any, None]:
+    """A streamed answer's chunks: replayed from its entry; live as the lock's holder publishes them; or from
+    the model while holding the lock: published as they come, and stored, and the lock released, at their end."""
+    n, waiter, entry = 0, got.waiter if isinstance(got, _Live) else _Waiter(), None
+    chunks: list[str] = []  # the model's, as JSON
+    try:
+        yield None  # primed: from here, closing the iterator or dropping it runs the finally block
+        while isinstance(got, _Live):
+            for index, data in got.chunks:
+                if index != n:  # a new holder's stream (the last one's died): its chunks don't follow on
+                    if n:
+                        _interrupted()
+                    continue
+                yield json.loads(data)
+                n += 1
+                io.call_fn = _interrupted  # the caller holds chunks of this answer: the model can't finish it
+            got = (await _trip(io, keys, messages, model, ttl_ms, s, time.monotonic() + MAX_WAIT, waiter))[0]
+        if isinstance(got, _Stored):
+            for value in got[n:]:
+                yield value
+            return
+        if not isinstance(got, _Lead):
+            raise TypeError(f"call_fn returned a stream for this request before, and now a {type(got).__name__}")
+        publishing = got.token is not None
+        while (chunk := await io.next(got.source)) is not _MISS:
+            value, text = _json(chunk, what="call_fn's stream gave")
+            if publishing:  # not after the lock was lost, or Redis failed: then the waiters read the entry
+                publishing = await _publish(io, keys, got.token, len(chunks), text, s)  # type: ignore[arg-type]
+            chunks.append(text)  # type: ignore[arg-type]
+            yield value
+        entry = "\x1e[" + ",".join(chunks) + "]"
+    finally:  # also when the stream failed or its caller stopped: the lock is released at once, the waiters told
+        await waiter.close(io)
+        if isinstance(got, _Lead):
+            await _ended(io, keys, messages, model, ttl_ms, s, got, entry)
+
+
+async def _ended(io: Any, keys: list[str], messages: list, model: str, ttl_ms: int, s: _Settings, lead: _Lead,
+                 entry: str | None) -> None:
+    """Stores a stream that ended (entry), and releases the lock; or, if it broke off, closes it."""
+    if lead.stop is not None:
+        lead.stop()
+    if lead.token is not None:
+        tokens = _tokens(messages, model, _decoded(entry)) if entry else 0
+        finishing = _finish(io, keys, lead.token, entry or "", tokens, ttl_ms, s, lead.corrupt)
+        if lead.lost or _down_until.get(io.r, 0) > time.monotonic():  # a store must not cost another timeout
+            io.later(finishing)
+        else:
+            await io.settle(finishing)
+    close = getattr(lead.source, "aclose", None) or getattr(lead.source, "close", None)
+    if entry is None and close is not None and inspect.isawaitable(closing := close()):
+        await closing  # the model's stream, stopped early: its connection goes back to its pool
+
+
+async def _publish(io: Any, keys: list[str], token: str, index: int, data: str, s: _Settings) -> bool:
+    try:
+        return bool(await _script(io, _PUBLISH, keys[1:3], token, index, data, s.lock_ms))
+    except _ERRORS as e:
+        _failed(io.r, e)
+        return False
+
+
+def _interrupted() -> Any:
+    raise StreamInterrupted("the caller streaming this answer from the model failed or stopped, after some of its "
+                            "chunks were handed out here; ask again for the whole answer")
+
+
+class _Chunks:
+    """get_or_set's answer to a stream: an iterator of its chunks, which _relay gives."""
+
+    def __init__(self, relay: AsyncGenerator) -> None:
+        self._relay = relay
+        _now(relay.__anext__())  # primed, so that dropping it unread closes it: a lock it holds is released
+
+    def __iter__(self) -> _Chunks:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return _now(self._relay.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        _now(self._relay.aclose())
+
+
 class _Blocking:
     """The flow's I/O for get_or_set: blocking sockets, and threads for what runs beside the caller."""
 
     scope = "threads"  # whose callers may share a flight (a client is None for every path when REDIS_URL is bad)
+    streams = (Iterator,)  # what call_fn may return as a stream
 
     def __init__(self, r: Any, call_fn: Callable[[], Any]) -> None:
         self.r, self.call_fn = r, call_fn
@@ -619,7 +837,7 @@ class _Blocking:
 
     async def xread(self, conn: Any, *args: Any) -> Any:
         conn.send_command(*args)
-        return conn.read_response()
+        return conn.read_response(disable_decoding=True)
 
     async def close(self, conn: Any) -> None:
         conn.disconnect()
@@ -627,24 +845,29 @@ class _Blocking:
     async def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
-    async def holding(self, seconds: float) -> bool:  # False once the call is done
-        return not self.done.wait(seconds)
-
     async def join(self, flight: _Flight) -> bool:
         if not flight.ended.acquire(timeout=MAX_WAIT):  # type: ignore[union-attr]
             return False
         flight.ended.release()  # type: ignore[union-attr]
         return True
 
-    async def call(self, lock: tuple[str, str, int] | None) -> Any:
-        self.done = threading.Event()  # set when the call is done; made here, as a hit needs none
-        renewal = _renewal(self, *lock) if lock else None
-        if renewal and not _start(_now, renewal):  # no thread to be had (at interpreter shutdown, say)
+    def renew(self, keys: list[str], token: str, lock_ms: int) -> Callable[[], None]:
+        """Renews the lock, from a thread, until the function returned is called."""
+        done = threading.Event()
+
+        async def ended(seconds: float) -> bool:
+            return done.wait(seconds)
+
+        renewal = _renewal(self, ended, keys, token, lock_ms)
+        if not _start(_now, renewal):  # no thread to be had (at interpreter shutdown, say)
             renewal.close()
-        try:
-            return self.call_fn()
-        finally:
-            self.done.set()
+        return done.set
+
+    async def call(self) -> Any:
+        return self.call_fn()
+
+    async def next(self, stream: Iterator) -> Any:
+        return next(stream, _MISS)
 
     def later(self, coroutine: Coroutine) -> None:
         if not _start(_now, coroutine):
@@ -659,23 +882,20 @@ class _Async:
 
     def __init__(self, r: Any, call_fn: Callable[[], Any]) -> None:
         self.r, self.call_fn, self.scope = r, call_fn, asyncio.get_running_loop()
+        self.streams = (Iterator, AsyncIterator)
 
     async def command(self, *args: Any) -> Any:
         return await self.r.execute_command(*args, NEVER_DECODE=True)
 
     async def xread(self, conn: Any, *args: Any) -> Any:
         await conn.send_command(*args)
-        return await conn.read_response()
+        return await conn.read_response(disable_decoding=True)
 
     async def close(self, conn: Any) -> None:
         await conn.disconnect()
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
-
-    async def holding(self, seconds: float) -> bool:  # until the task is cancelled
-        await asyncio.sleep(seconds)
-        return True
 
     async def join(self, flight: _Flight) -> bool:
         try:
@@ -684,14 +904,25 @@ class _Async:
         except asyncio.TimeoutError:
             return False
 
-    async def call(self, lock: tuple[str, str, int] | None) -> Any:
-        renewal = asyncio.ensure_future(_renewal(self, *lock)) if lock else None
-        try:
-            result = self.call_fn()
-            return await result if inspect.isawaitable(result) else result
-        finally:
-            if renewal:
-                renewal.cancel()
+    def renew(self, keys: list[str], token: str, lock_ms: int) -> Callable[[], None]:
+        """Renews the lock, from a task, until the function returned is called."""
+        done = asyncio.Event()
+
+        async def ended(seconds: float) -> bool:
+            try:
+                return await asyncio.wait_for(done.wait(), seconds)
+            except asyncio.TimeoutError:
+                return False
+
+        self.later(_renewal(self, ended, keys, token, lock_ms))
+        return done.set
+
+    async def call(self) -> Any:
+        result = self.call_fn()
+        return await result if inspect.isawaitable(result) else result
+
+    async def next(self, stream: Iterator | AsyncIterator) -> Any:
+        return await anext(stream, _MISS) if isinstance(stream, AsyncIterator) else next(stream, _MISS)
 
     def later(self, coroutine: Coroutine) -> asyncio.Task:
         task = asyncio.ensure_future(coroutine)

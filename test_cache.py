@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import pathlib
+import queue
 import random
 import shutil
 import signal
@@ -35,7 +36,7 @@ import redis.asyncio
 import tiktoken
 from hypothesis import given
 from hypothesis import strategies as st
-from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from redis.crc import key_slot
 
 import cache
@@ -207,10 +208,14 @@ def async_twin(c):
 @pytest.fixture(params=["sync", "async"])
 def ask(request):
     """get_or_set; or aget_or_set with an awaitable call_fn, run on an event loop, and given the asyncio twin of
-    the client passed: one test body for both paths. ask.stats is stats or astats the same way."""
+    the client passed: one test body for both paths. ask.stats is stats or astats the same way; ask.next,
+    ask.read and ask.close take the next chunk of a stream, the rest of it, or close it."""
     if request.param == "sync":
-        cache.get_or_set.stats = cache.stats
-        yield cache.get_or_set
+        def ask(*args, **kw):
+            return cache.get_or_set(*args, **kw)
+
+        ask.stats, ask.next, ask.read, ask.close = cache.stats, next, list, lambda stream: stream.close()
+        yield ask
         return
     loop, twins = Loop(), {}
 
@@ -224,7 +229,13 @@ def ask(request):
         wrapped = awaitable if callable(call_fn) and not cache._needs_arguments(call_fn) else call_fn
         return loop.run(cache.aget_or_set(messages, model, wrapped, ttl, client=twin(client), params=params))
 
+    async def read(stream):
+        return [chunk async for chunk in stream]
+
     ask.stats = lambda client=None: loop.run(cache.astats(client=twin(client)))
+    ask.next = lambda stream: loop.run(stream.__anext__())
+    ask.read = lambda stream: loop.run(read(stream))
+    ask.close = lambda stream: loop.run(stream.aclose())
     yield ask
     for _, c in twins.values():
         loop.run(c.aclose())
@@ -2234,6 +2245,287 @@ def test_the_real_cl100k_base_counts_tokens(client, monkeypatch):
     assert counted == len(real.encode("question 1")) + len(real.encode("Hello world")) == 5
 
 
+# ---------------------------------------------------------------- streams
+
+def chunk(text=None, usage=None):
+    """A chat.completion.chunk: a delta of text, or the last one with usage."""
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [] if text is None else [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+            **({"usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": usage}} if usage else {})}
+
+
+CHUNKS = [chunk("Par"), chunk("is."), chunk(usage=7)]
+
+
+class Model:
+    """A call_fn whose answer streams chunks. It counts its calls and the chunks it gave; the calls numbered in
+    breaks raise instead of giving chunk break_at; gates[i], if given, holds chunk i back until it is set."""
+
+    def __init__(self, chunks=CHUNKS, breaks=(), gates=None, break_at=1):
+        self.chunks, self.breaks, self.gates, self.break_at = chunks, breaks, gates, break_at
+        self.calls = self.given = self.closed = 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.stream(self.calls)
+
+    def stream(self, call):
+        try:
+            for i, c in enumerate(self.chunks):
+                if self.gates:
+                    assert self.gates[i].wait(30)
+                if call in self.breaks and i == self.break_at:
+                    raise ConnectionResetError("the model's stream broke")
+                self.given += 1
+                yield c
+        except GeneratorExit:
+            self.closed += 1
+            raise
+
+
+def test_a_stream_is_relayed_as_it_comes_then_stored_and_replayed(ask, client):
+    model = Model()
+    stream = ask(MSGS, "m", model, client=client, params={"stream": True})
+    assert model.given == 0  # nothing is read before the caller asks
+    assert ask.next(stream) == CHUNKS[0] and model.given == 1  # each chunk as the model gives it
+    first = [CHUNKS[0], *ask.read(stream)]
+    replayed = ask.read(ask(MSGS, "m", model, client=client, params={"stream": True}))
+    assert first == replayed == CHUNKS and model.calls == 1
+    assert ask.stats(client=client) == {"hits": 1, "misses": 1, "tokens_saved": 7, "hit_rate": 0.5}
+
+
+def test_a_stream_without_usage_counts_its_prompt_and_deltas(ask, client):
+    model = Model([chunk("Par"), chunk("is.")])
+    for _ in range(2):
+        assert ask.read(ask(MSGS, "m", model, client=client)) == model.chunks
+    assert ask.stats(client=client)["tokens_saved"] == sum(len(m["content"]) for m in MSGS) + len("Paris.")
+
+
+def test_an_empty_stream_is_stored_and_replayed_empty(ask, client):
+    model = Model([])
+    assert ask.read(ask(MSGS, "m", model, client=client)) == ask.read(ask(MSGS, "m", model, client=client)) == []
+    assert model.calls == 1
+
+
+def test_a_stream_that_breaks_stores_nothing_and_releases_the_lock_at_once(ask, client):
+    model = Model(breaks={1})
+    stream = ask(MSGS, "m", model, client=client)
+    assert ask.next(stream) == CHUNKS[0]
+    with pytest.raises(ConnectionResetError):
+        ask.next(stream)
+    entry, lock = cache._keys(MSGS, "m", None)[:2]
+    assert client.exists(entry, lock) == 0
+    assert ask.read(ask(MSGS, "m", model, client=client)) == CHUNKS and model.calls == 2
+
+
+@pytest.mark.parametrize("how", ["close", "drop unread", "drop after a chunk"])
+def test_a_stream_its_caller_stops_stores_nothing_and_releases_the_lock(ask, client, how):
+    model = Model()
+    stream = ask(MSGS, "m", model, client=client)
+    entry, lock = cache._keys(MSGS, "m", None)[:2]
+    assert client.exists(lock) == 1
+    if how != "drop unread":
+        ask.next(stream)
+    if how == "close":
+        ask.close(stream)
+    else:
+        del stream  # asyncio closes a dropped async generator in a task of its loop
+        gc.collect()  # (the test's event loop thread keeps a cycle through the last result)
+    _until(lambda: client.exists(lock) == 0)
+    assert client.exists(entry) == 0
+    assert model.closed == (how != "drop unread")  # the model's stream too, if it was started
+
+
+def test_a_chunk_that_is_not_json_raises_type_error_and_stores_nothing(ask, client):
+    model = Model([CHUNKS[0], {"delta": object()}])
+    stream = ask(MSGS, "m", model, client=client)
+    assert ask.next(stream) == CHUNKS[0]
+    with pytest.raises(TypeError, match="call_fn's stream gave a dict, not JSON"):
+        ask.next(stream)
+    assert client.exists(*cache._keys(MSGS, "m", None)[:2]) == 0
+
+
+def test_an_async_iterator_given_to_get_or_set_is_a_type_error_and_stores_nothing(client):
+    async def chunks():
+        yield CHUNKS[0]
+
+    with pytest.raises(TypeError, match="call_fn returned a async_generator, not JSON"):
+        cache.get_or_set(MSGS, "m", chunks, client=client)
+    assert client.exists(*cache._keys(MSGS, "m", None)[:2]) == 0
+
+
+def test_aget_or_set_relays_an_async_iterator(ask_async_client, client):
+    loop, aclient = ask_async_client
+    calls = []
+
+    async def chunks():
+        calls.append(1)
+        for c in CHUNKS:
+            yield c
+
+    async def read():
+        return [c async for c in await cache.aget_or_set(MSGS, "m", chunks, client=aclient)]
+
+    assert loop.run(read()) == loop.run(read()) == CHUNKS and len(calls) == 1
+
+
+def test_with_redis_down_chunks_pass_straight_through_converted(ask, caplog):
+    dead = redis.Redis(port=_free_port())
+    model = Model([ChatCompletionChunk.model_validate(c) for c in CHUNKS])
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        for _ in range(2):
+            chunks = ask.read(ask(MSGS, "m", model, client=dead))
+            assert [ChatCompletionChunk.model_validate(c) for c in chunks] == model.chunks
+            assert all(isinstance(c, dict) for c in chunks)
+    assert model.calls == 2
+
+
+def test_published_chunks_live_as_long_as_the_lock_and_are_trimmed_at_the_end(client, monkeypatch):
+    monkeypatch.setattr(cache, "LOCK_TTL", 5)
+    stream = cache.get_or_set(MSGS, "m", Model(), client=client)
+    stream_key = cache._keys(MSGS, "m", None)[2]
+    next(stream), next(stream)
+    assert client.xlen(stream_key) == 2 and 0 < client.pttl(stream_key) <= 5000
+    list(stream)
+    assert client.xlen(stream_key) == 1 and 0 < client.pttl(stream_key) <= 5000  # only the wake-up is left
+
+
+def test_a_corrupt_stream_entry_is_a_miss_and_is_overwritten(ask, client):
+    entry = cache._keys(MSGS, "m", None)[0]
+    client.hset(entry, mapping={"v": "\x1e{not a list", "t": 3})
+    model = Model()
+    assert ask.read(ask(MSGS, "m", model, client=client)) == CHUNKS and model.calls == 1
+    assert ask.read(ask(MSGS, "m", model, client=client)) == CHUNKS and model.calls == 1
+
+
+def test_followers_get_the_chunks_live_from_the_first(client):
+    gates = [threading.Event() for _ in CHUNKS]
+    model = Model(gates=gates)
+    leader = cache.get_or_set(MSGS, "m", model, client=client)
+    gates[0].set()
+    assert next(leader) == CHUNKS[0]
+    firsts = queue.Queue()
+
+    def follow():
+        stream = cache.get_or_set(MSGS, "m", model, client=client)
+        first = next(stream)
+        firsts.put(first)
+        return [first, *stream]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        followers = [pool.submit(follow) for _ in range(4)]
+        assert [firsts.get(timeout=30) for _ in followers] == [CHUNKS[0]] * 4  # while the model holds chunk 1
+        for gate in gates[1:]:
+            gate.set()
+        assert list(leader) == CHUNKS[1:]
+        assert [f.result(timeout=30) for f in followers] == [CHUNKS] * 4
+    assert model.calls == 1
+    assert cache.stats(client=client) == {"hits": 4, "misses": 1, "tokens_saved": 28, "hit_rate": 0.8}
+
+
+def _waiting_in_xread(r, n):
+    return sum(c["cmd"] == "xread" for c in r.client_list()) == n
+
+
+def test_a_follower_with_no_chunk_yet_calls_the_model_when_the_stream_breaks(server):
+    r = server.client()
+    model = Model(breaks={1}, break_at=0)
+    leader = cache.get_or_set(MSGS, "m", model, client=r)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        follower = pool.submit(lambda: list(cache.get_or_set(MSGS, "m", model, client=server.client())))
+        try:
+            _until(lambda: _waiting_in_xread(r, 1))
+            with pytest.raises(ConnectionResetError):
+                next(leader)
+        finally:
+            leader.close()  # (if the test failed: else the follower would wait for it)
+        assert follower.result(timeout=30) == CHUNKS
+    assert model.calls == 2
+    assert cache.stats(client=r) == {"hits": 0, "misses": 1, "tokens_saved": 0, "hit_rate": 0.0}
+
+
+def test_a_follower_that_handed_out_chunks_raises_stream_interrupted_when_the_stream_breaks(ask, client):
+    model = Model(breaks={1})
+    leader = ask(MSGS, "m", model, client=client)
+    assert ask.next(leader) == CHUNKS[0]
+    follower = ask(MSGS, "m", model, client=client)
+    assert ask.next(follower) == CHUNKS[0]
+    with pytest.raises(ConnectionResetError):
+        ask.next(leader)
+    with pytest.raises(cache.StreamInterrupted):
+        ask.next(follower)
+    assert client.exists(*cache._keys(MSGS, "m", None)[:2]) == 0 and model.calls == 1
+
+
+def _follow_stream(url, firsts, results):
+    r = redis.Redis.from_url(url)
+    stream = cache.get_or_set(MSGS, "m", lambda: r.incr(cache.PREFIX + "calls") and iter(CHUNKS), client=r)
+    first = next(stream)
+    firsts.put(first)
+    results.put([first, *stream])
+
+
+def test_followers_in_4_processes_get_the_chunks_live(real_url):
+    r = redis.Redis.from_url(real_url)
+    gates = [threading.Event() for _ in CHUNKS]
+    gates[0].set()
+    leader = cache.get_or_set(MSGS, "m", Model(gates=gates), client=r)
+    assert next(leader) == CHUNKS[0]
+    firsts, results = FORK.Queue(), FORK.Queue()
+    procs = [FORK.Process(target=_follow_stream, args=(real_url, firsts, results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    assert [firsts.get(timeout=30) for _ in procs] == [CHUNKS[0]] * 4  # while the model holds chunk 1 back
+    for gate in gates[1:]:
+        gate.set()
+    assert list(leader) == CHUNKS[1:]
+    assert [results.get(timeout=30) for _ in procs] == [CHUNKS] * 4
+    for p in procs:
+        p.join(timeout=10)
+    assert r.get(cache.PREFIX + "calls") is None
+    assert cache.stats(client=r)["hits"] == 4
+
+
+# ---------------------------------------------------------------- whole requests
+
+def test_cached_keys_on_every_argument_but_transport_only_ones(client):
+    calls = counting()
+    create = lambda **request: calls()  # noqa: E731
+    ask = functools.partial(cache.cached, create, model="m", messages=MSGS, client=client)
+    assert ask(temperature=0) == ask(temperature=0, timeout=5, extra_headers={"X-Trace": "1"}) == ANSWER
+    assert calls.calls == 1
+    ask(temperature=0.5)
+    ask(temperature=0, tools=[{"type": "function", "function": {"name": "f"}}])
+    assert calls.calls == 3
+    assert cache.get_or_set(MSGS, "m", calls, client=client, params={"temperature": 0}) == ANSWER  # the same key
+    assert calls.calls == 3
+
+
+def test_cached_passes_every_argument_on(client):
+    seen = []
+    timeout = object()  # no JSON, and no need to be: it is not in the key
+    cache.cached(lambda **kw: seen.append(kw) or ANSWER, model="m", messages=MSGS, temperature=0, timeout=timeout,
+                 client=client)
+    assert seen == [{"model": "m", "messages": MSGS, "temperature": 0, "timeout": timeout}]
+
+
+@pytest.mark.parametrize("bad", [{"temperature": object()}, {"tools": [{"f": {1, 2}}]}, {"stop": b"."}])
+def test_cached_names_an_argument_that_is_not_json(bad):
+    create = counting()
+    with pytest.raises(TypeError) as raised:
+        cache.cached(create, model="m", messages=MSGS, client=Untouchable(), **bad)
+    assert f"{next(iter(bad))} must be JSON" in str(raised.value) and create.calls == 0
+
+
+def test_cached_refuses_what_is_not_callable_and_a_request_without_model_or_messages():
+    with pytest.raises(TypeError, match="create_fn must be callable"):
+        cache.cached("gpt-4.1-mini", model="m", messages=MSGS, client=Untouchable())
+    with pytest.raises(TypeError, match="model must be a non-empty str"):
+        cache.cached(counting(), messages=MSGS, client=Untouchable())
+    with pytest.raises(TypeError, match="messages must be a list of dicts"):
+        cache.cached(counting(), model="m", client=Untouchable())
+
+
 # ---------------------------------------------------------------- the openai SDK, for real
 
 class FakeOpenAI(BaseHTTPRequestHandler):
@@ -2245,15 +2537,22 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         if self.server.mode in (500, 429):
             self._send(self.server.mode, {"error": {"message": "try later", "type": "server_error"}},
                        {"retry-after-ms": "10"})
-        elif body.get("stream"):
+        elif body.get("stream"):  # server-sent events, in a chunked body; mode "cut" drops the connection in it
+            self.protocol_version, self.close_connection = "HTTP/1.1", True
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            for word in ("Par", "is."):
-                chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
-                         "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
+            for n, word in enumerate(("Par", "is.", None)):
+                if n == 1 and self.server.mode == "cut":
+                    return
+                event = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                         "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}] if word else [],
+                         "usage": None if word else {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22}}
+                data = f"data: {json.dumps(event)}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            self.wfile.write(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
         else:
             n = len(self.server.requests)
             self._send(200, {
@@ -2327,16 +2626,63 @@ def test_openai_sdk_errors_reach_the_caller_and_nothing_is_cached(client, openai
     assert ChatCompletion.model_validate(answer).usage.total_tokens == 25
 
 
-def test_openai_sdk_stream_is_returned_untouched_and_never_cached(client, openai_server):
+def test_openai_sdk_streams_reach_the_server_once_and_give_identical_chunks(client, openai_server):
     httpd, sdk = openai_server
-    call = lambda: sdk.chat.completions.create(model="gpt-4.1-mini", messages=MSGS, stream=True)  # noqa: E731
-    for _ in range(2):
-        stream = cache.get_or_set(MSGS, "gpt-4.1-mini", call, client=client, params={"stream": True})
-        assert isinstance(stream, openai.Stream)
-        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == "Paris."
-    assert len(httpd.requests) == 2
+    ask = functools.partial(cache.cached, sdk.chat.completions.create, model="gpt-4.1-mini", messages=MSGS,
+                            stream=True, client=client)
+    first, second = list(ask()), list(ask())
+    assert len(httpd.requests) == 1 and first == second
+    chunks = [ChatCompletionChunk.model_validate(c) for c in second]
+    assert "".join(c.choices[0].delta.content for c in chunks if c.choices) == "Paris."
+    assert cache.stats(client=client)["tokens_saved"] == 22  # the last chunk's usage
+    assert cache.cached(sdk.chat.completions.create, model="gpt-4.1-mini", messages=MSGS, client=client)
+    assert len(httpd.requests) == 2  # not streamed: another entry
+
+
+def test_openai_sdk_stream_the_server_cuts_stores_nothing(client, openai_server):
+    httpd, sdk = openai_server
+    httpd.mode = "cut"
+    stream = cache.cached(sdk.chat.completions.create, model="gpt-4.1-mini", messages=MSGS, stream=True,
+                          client=client)
+    with pytest.raises(openai.APIConnectionError):
+        list(stream)
     keys = cache._keys(MSGS, "gpt-4.1-mini", {"stream": True})
     assert client.exists(keys[0], keys[1]) == 0
+    httpd.mode = "ok"
+    assert len(list(cache.cached(sdk.chat.completions.create, model="gpt-4.1-mini", messages=MSGS, stream=True,
+                                 client=client))) == 3
+    assert len(httpd.requests) == 2
+
+
+def test_openai_sdk_stream_dropped_after_a_chunk_releases_the_lock_and_the_response(client, openai_server):
+    httpd, sdk = openai_server
+    stream = cache.cached(sdk.chat.completions.create, model="gpt-4.1-mini", messages=MSGS, stream=True,
+                          client=client)
+    assert ChatCompletionChunk.model_validate(next(stream)).choices[0].delta.content == "Par"
+    response = stream._relay.ag_frame.f_locals["got"].source.response  # the SDK's HTTP response
+    del stream
+    keys = cache._keys(MSGS, "gpt-4.1-mini", {"stream": True})
+    assert client.exists(keys[0], keys[1]) == 0 and response.is_closed
+
+
+def test_async_openai_streams_reach_the_server_once_and_a_cut_stores_nothing(ask_async_client, openai_server):
+    (loop, aclient), (httpd, sdk) = ask_async_client, openai_server
+    sdk = openai.AsyncOpenAI(base_url=str(sdk.base_url), api_key="test")
+
+    async def read():
+        stream = await cache.acached(sdk.chat.completions.create, model="gpt-4.1-mini", messages=MSGS, stream=True,
+                                     client=aclient)
+        return [c async for c in stream]
+
+    httpd.mode = "cut"
+    with pytest.raises(openai.APIConnectionError):
+        loop.run(read())
+    httpd.mode = "ok"
+    first, second = loop.run(read()), loop.run(read())
+    assert len(httpd.requests) == 2 and first == second
+    assert "".join(c.choices[0].delta.content for c in map(ChatCompletionChunk.model_validate, first)
+                   if c.choices) == "Paris."
+    loop.run(sdk.close())
 
 
 def test_async_openai_two_identical_calls_reach_the_server_once(ask_async_client, openai_server):
