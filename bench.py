@@ -1,4 +1,4 @@
-"""Measure cache.py against a real Redis: hit cost against the floor, miss overhead, waiters, fail-open.
+"""Measure cache.py against a real Redis: hit cost against the floor, miss overhead, waiters, streams, fail-open.
 
     python bench.py            # starts its own redis-server on a free port (or uses REDIS_URL)
     python bench.py --quick    # a fast smoke run: fewer rounds, fewer processes
@@ -281,6 +281,56 @@ def crowd(url: str, processes: int, leader_call: float = 1.0, lock_ttl: float | 
             "commands_per_waiter_per_s": statistics.median(rates), "commands_per_waiter_per_s_max": max(rates)}
 
 
+def _streamer(url, chunks, gap, start, out):
+    r = redis.Redis.from_url(url)
+    r.ping()
+    sent: list[float] = []  # when the model sent each chunk, if this process called it
+
+    def model():
+        r.incr(cache.PREFIX + "calls")
+        for i in range(chunks):
+            time.sleep(gap)  # the model sends a chunk every gap s
+            sent.append(time.monotonic())
+            yield {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4.1-mini",
+                   "choices": [{"index": 0, "delta": {"content": f"word{i} "}, "finish_reason": None}]}
+
+    start.wait()
+    began, times, got = time.monotonic(), [], []
+    for chunk in cache.get_or_set(MSGS, "stream", model, client=r):
+        times.append(time.monotonic())
+        got.append(chunk)
+    out.put({"began": began, "times": times, "sent": sent, "chunks": json.dumps(got)})
+
+
+def stream_followers(url: str, followers: int = 16, chunks: int = 40, gap: float = 0.025) -> dict:
+    """followers + 1 processes ask for one streamed answer at once: one leads, the others follow it live.
+
+    A chunk's lag is from the moment the model sent it (to the leader) to the moment a caller got it (the
+    monotonic clock is system-wide); time to first chunk is from each caller's call of get_or_set."""
+    cache.PREFIX = f"bench:stream:{random.random()}:"
+    start, out = FORK.Event(), FORK.Queue()
+    procs = [FORK.Process(target=_streamer, args=(url, chunks, gap, start, out)) for _ in range(followers + 1)]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)  # let every process connect first
+    start.set()
+    rows = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join()
+    leader = next(row for row in rows if row["sent"])
+    rest = [row for row in rows if row is not leader]
+    lags = [(row["times"][i] - leader["sent"][i]) * 1000 for row in rest for i in range(chunks)]
+    own = [(leader["times"][i] - leader["sent"][i]) * 1000 for i in range(chunks)]
+    return {"leader_lag_median_ms": statistics.median(own),
+            "followers": len(rest), "chunks": chunks, "gap_s": gap,
+            "calls": int(redis.Redis.from_url(url).get(cache.PREFIX + "calls")),
+            "identical": all(row["chunks"] == leader["chunks"] for row in rest),
+            "lag_median_ms": statistics.median(lags), "lag_max_ms": max(lags),
+            "first_chunk_leader_ms": (leader["times"][0] - leader["began"]) * 1000,
+            "first_chunk_followers_median_ms": statistics.median((r["times"][0] - r["began"]) * 1000 for r in rest),
+            "first_chunk_followers_max_ms": max((r["times"][0] - r["began"]) * 1000 for r in rest)}
+
+
 def small_pools(url: str, threads: int = 32, call: float = 0.5, max_connections: int = 4) -> dict:
     """threads of one process ask one request at once through a pool of max_connections, of each kind."""
     return {pool_class.__name__: _small_pool(url, pool_class, threads, call, max_connections)
@@ -416,6 +466,7 @@ def main() -> None:
                    "crowds": [crowd(url, n) for n in ((4,) if args.quick else (16, 64))],
                    "long_call": crowd(url, 4 if args.quick else 16, *((1.0, 0.1) if args.quick else (5.0, 0.5))),
                    "pools": small_pools(url),
+                   "stream": stream_followers(url, 4 if args.quick else 16, 10 if args.quick else 40),
                    "killed_holder": killed_holder(url, 2.0 if args.quick else cache.LOCK_TTL),
                    "fail_open": fail_open(port, proc, calls=100) if port else {}}
     finally:
@@ -458,6 +509,14 @@ def main() -> None:
           f"{t['lag_max_ms']:.1f} ms; worst ticker gap while they wait {t['gap_waiting_ms']:.1f} ms, as they start "
           f"{t['gap_start_ms']:.1f} ms, as they wake {t['gap_wake_ms']:.1f} ms (1000 bare tasks on an Event: "
           f"{t['bare_start_ms']:.1f} and {t['bare_wake_ms']:.1f} ms)")
+    f = figures["stream"]
+    print(f"{f['followers'] + 1} processes, one streamed request, {f['chunks']} chunks {f['gap_s'] * 1000:.0f} ms "
+          f"apart: {f['calls']} call_fn call(s), chunks identical: {f['identical']}")
+    print(f"  a chunk reaches the {f['followers']} followers after the model sent it: median "
+          f"{f['lag_median_ms']:.1f} ms, max {f['lag_max_ms']:.1f} ms (the leader: median "
+          f"{f['leader_lag_median_ms']:.1f} ms)")
+    print(f"  first chunk after the call: leader {f['first_chunk_leader_ms']:.1f} ms, followers median "
+          f"{f['first_chunk_followers_median_ms']:.1f} ms, max {f['first_chunk_followers_max_ms']:.1f} ms")
     k = figures["killed_holder"]
     print(f"holder SIGKILLed in its call (LOCK_TTL {k['lock_ttl_s']:.0f} s, call {k['call_s']} s): {k['waiters']} "
           f"waiters answered {k['last_answer_after_kill_s']:.2f} s after the kill (bound {k['bound_s']:.1f} s)")

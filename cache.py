@@ -598,6 +598,7 @@ class _Waiter:
         self.slots: Any = None  # the pool's, once the waiter asked for one of its connections
         self.timeout: Any = None
         self.seen = "0-0"  # the last entry read: one a late holder stored, and which expired since, wakes no one
+        self.released = False  # whether the last wait read the lock's release
 
     async def wait(self, io: Any, stream: str, ms: float) -> list[tuple[int, bytes]]:
         """The chunks published since the last wait, if any: (index, JSON)."""
@@ -627,6 +628,7 @@ class _Waiter:
             self.seen = entry
             if fields[:1] == [b"i"]:  # a chunk; else the lock was released
                 chunks.append((int(fields[1]), fields[3]))
+        self.released = len(chunks) < len(entries)
         return chunks
 
     async def close(self, io: Any) -> None:
@@ -740,7 +742,7 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
     """A streamed answer's chunks: replayed from its entry; live as the lock's holder publishes them; or from
     the model while holding the lock: published as they come, and stored, and the lock released, at their end."""
     n, waiter, entry = 0, got.waiter if isinstance(got, _Live) else _Waiter(), None
-    chunks: list[str] = []  # the model's, as JSON
+    texts: list[str] = []  # the model's chunks, as JSON
     try:
         yield None  # primed: from here, closing the iterator or dropping it runs the finally block
         while isinstance(got, _Live):
@@ -752,7 +754,10 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
                 yield json.loads(data)
                 n += 1
                 io.call_fn = _interrupted  # the caller holds chunks of this answer: the model can't finish it
-            got = (await _trip(io, keys, messages, model, ttl_ms, s, time.monotonic() + MAX_WAIT, waiter))[0]
+            # the next chunks; after the release, or a wait with none, the entry or the lock tells what happened
+            chunks = [] if waiter.released else await waiter.wait(io, keys[2], s.lock_ms)
+            got = _Live(chunks, waiter) if chunks else \
+                (await _trip(io, keys, messages, model, ttl_ms, s, time.monotonic() + MAX_WAIT, waiter))[0]
         if isinstance(got, _Stored):
             for value in got[n:]:
                 yield value
@@ -763,10 +768,10 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
         while (chunk := await io.next(got.source)) is not _MISS:
             value, text = _json(chunk, what="call_fn's stream gave")
             if publishing:  # not after the lock was lost, or Redis failed: then the waiters read the entry
-                publishing = await _publish(io, keys, got.token, len(chunks), text, s)  # type: ignore[arg-type]
-            chunks.append(text)  # type: ignore[arg-type]
+                publishing = await _publish(io, keys, got.token, len(texts), text, s)  # type: ignore[arg-type]
+            texts.append(text)  # type: ignore[arg-type]
             yield value
-        entry = "\x1e[" + ",".join(chunks) + "]"
+        entry = "\x1e[" + ",".join(texts) + "]"
     finally:  # also when the stream failed or its caller stopped: the lock is released at once, the waiters told
         await waiter.close(io)
         if isinstance(got, _Lead):
