@@ -764,7 +764,7 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
             return
         if not isinstance(got, _Lead):
             raise TypeError(f"call_fn returned a stream for this request before, and now a {type(got).__name__}")
-        publishing = got.token is not None
+        publishing = got.token is not None and _down_until.get(io.r, 0) <= time.monotonic()
         while (chunk := await io.next(got.source)) is not _MISS:
             value, text = _json(chunk, what="call_fn's stream gave")
             if publishing:  # not after the lock was lost, or Redis failed: then the waiters read the entry

@@ -1998,6 +1998,21 @@ def test_cluster_core_behaviour_without_crossslot(ask, cluster, caplog):
     assert ask.stats(client=c) == {"hits": 60, "misses": 60, "tokens_saved": tokens, "hit_rate": 0.5}
 
 
+def test_cluster_streams_are_followed_live_and_replayed(cluster):
+    cluster, _ = cluster
+    gates = [threading.Event() for _ in CHUNKS]
+    gates[0].set()
+    model = Model(gates=gates)
+    leader = cache.get_or_set(MSGS, "m", model, client=cluster)
+    assert next(leader) == CHUNKS[0]
+    follower = cache.get_or_set(MSGS, "m", model, client=cluster)
+    assert next(follower) == CHUNKS[0]
+    for gate in gates[1:]:
+        gate.set()
+    assert list(leader) == list(follower) == CHUNKS[1:]
+    assert list(cache.get_or_set(MSGS, "m", model, client=cluster)) == CHUNKS and model.calls == 1
+
+
 def _ask_cluster(port, start, results):
     c = redis.RedisCluster(host="127.0.0.1", port=port)
 
@@ -2455,6 +2470,20 @@ def test_a_follower_that_handed_out_chunks_raises_stream_interrupted_when_the_st
     with pytest.raises(cache.StreamInterrupted):
         ask.next(follower)
     assert client.exists(*cache._keys(MSGS, "m", None)[:2]) == 0 and model.calls == 1
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_a_follower_reads_chunks_live_over_either_protocol(server, protocol):
+    leader_client, follower_client = (server.client(protocol=protocol, decode_responses=d) for d in (False, True))
+    gates = [threading.Event() for _ in CHUNKS]
+    gates[0].set()
+    leader = cache.get_or_set(MSGS, "m", Model(gates=gates), client=leader_client)
+    assert next(leader) == CHUNKS[0]
+    follower = cache.get_or_set(MSGS, "m", Model(), client=follower_client)
+    assert next(follower) == CHUNKS[0]
+    for gate in gates[1:]:
+        gate.set()
+    assert list(leader) == CHUNKS[1:] and list(follower) == CHUNKS[1:]
 
 
 def _follow_stream(url, firsts, results):
