@@ -58,6 +58,7 @@ _flights: dict[tuple[int, Any, str], _Flight] = {}  # (client, threads or loop, 
 _wait_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> waiters' connections it may still open
 _loop_clients: dict[asyncio.AbstractEventLoop, dict] = {}  # event loop -> the clients made from REDIS_URL for it
 _tasks: set[asyncio.Task] = set()  # background tasks, held until they end
+_streaming: set[tuple] = set()  # (client, threads or loop, entry, thread or task) of each stream being led
 _encodings: dict[str, Any] = {}  # tiktoken encoding name -> the encoding, once loaded
 _loads: dict[str, float] = {}  # encoding name -> when its last load failed (inf while one runs)
 _loading = threading.Lock()  # so that one thread starts a load, and one warns
@@ -94,6 +95,7 @@ def _forget_flights() -> None:  # a forked child inherits the flights and loads,
     if registry is not None and math.inf in _loads.values():  # the parent's loading thread holds tiktoken's lock
         registry._lock = threading.RLock()
     _flights.clear()
+    _streaming.clear()
     _wait_slots.clear()
     _loads.clear()
     _loop_clients.clear()  # the parent's loops and their connections are the parent's
@@ -166,8 +168,9 @@ def _tokens(messages: list, model: str, value: Any) -> int:
     try:
         if isinstance(value, _Stored):  # a stream's chunks: the last one's usage, else their deltas' text
             last = value[-1] if value and isinstance(value[-1], dict) else {}
-            text = "".join((choice.get("delta") or {}).get("content") or "" for chunk in value
-                           for choice in (chunk.get("choices") or [] if isinstance(chunk, dict) else []))
+            text = "".join(chunk for chunk in value if isinstance(chunk, str)) + "".join(
+                (choice.get("delta") or {}).get("content") or "" for chunk in value if isinstance(chunk, dict)
+                for choice in chunk.get("choices") or [])
             value = {"usage": last.get("usage"), "choices": [{"message": {"content": text}}]}
         usage = value.get("usage") if isinstance(value, dict) else None
         if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
@@ -342,10 +345,11 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """)
 # KEYS: 1 a lock, 2 its stream.  ARGV: 1 the holder's token, 2 the chunk's index, 3 its JSON, 4 LOCK_TTL ms.
-# Publishes a chunk of a streamed answer to the waiters, if the lock is still the holder's; returns 1 if so.
+# Publishes a chunk of a streamed answer to the waiters, with its holder's token, if the lock is still the
+# holder's; returns 1 if so.
 _PUBLISH = _Script(b"""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('XADD', KEYS[2], '*', 'i', ARGV[2], 'c', ARGV[3])
+redis.call('XADD', KEYS[2], '*', 'i', ARGV[2], 'c', ARGV[3], 'o', ARGV[1])
 return redis.call('PEXPIRE', KEYS[2], ARGV[4])
 """)
 # KEYS as _READ.  ARGV: 1 lock token, 2 JSON value ('' stores nothing), 3 its tokens, 4 ttl ms, 5 LOCK_TTL ms,
@@ -463,6 +467,8 @@ async def _flow(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
                 mine: _Flight) -> Any:
     # Go's singleflight: one caller per process and request goes to Redis and the model, the others wait for it
     flight_key, deadline = (id(io.r), io.scope, keys[0]), time.monotonic() + MAX_WAIT
+    if _streaming and (*flight_key, _who(mine)) in _streaming:  # it leads a stream of it: don't wait for that
+        return (await _trip(io, keys, messages, model, ttl_ms, s, 0))[0]
     while (flight := _flights.setdefault(flight_key, mine)) is not mine:  # atomic: one dict operation
         if flight.leader == mine.leader:  # call_fn asked for its own request: don't wait for itself
             return (await _trip(io, keys, messages, model, ttl_ms, s, 0))[0]
@@ -493,7 +499,16 @@ async def _flow(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
         mine.end()
     if mine.counted and mine.data is not None:  # the followers were answered from Redis too: hits, in one trip
         await _count(io, keys, s, len(mine.counted))
+    if isinstance(result, _Lead) and result.token is not None:
+        mark = (*flight_key, _who(mine))
+        _streaming.add(mark)
+        result = result._replace(mark=mark)
     return result
+
+
+def _who(flight: _Flight) -> Any:
+    """Its leader, thread or task; a task by a weak reference, as the task holds the stream it returned."""
+    return flight.leader if isinstance(flight.leader, int) else weakref.ref(flight.leader)
 
 
 def _copied(error: Exception) -> Exception:
@@ -600,8 +615,8 @@ class _Waiter:
         self.seen = "0-0"  # the last entry read: one a late holder stored, and which expired since, wakes no one
         self.released = False  # whether the last wait read the lock's release
 
-    async def wait(self, io: Any, stream: str, ms: float) -> list[tuple[int, bytes]]:
-        """The chunks published since the last wait, if any: (index, JSON)."""
+    async def wait(self, io: Any, stream: str, ms: float) -> list[tuple[int, bytes, bytes]]:
+        """The chunks published since the last wait, if any: (index, JSON, the holder's token)."""
         if self.slots is None:
             owner, pool = _pool(io.r, stream)
             self.slots = _wait_slots.setdefault(owner, threading.BoundedSemaphore(pool.max_connections))
@@ -627,7 +642,7 @@ class _Waiter:
         for entry, fields in entries:  # RESP3 replies a map, RESP2 a list of [stream, entries]
             self.seen = entry
             if fields[:1] == [b"i"]:  # a chunk; else the lock was released
-                chunks.append((int(fields[1]), fields[3]))
+                chunks.append((int(fields[1]), fields[3], fields[5]))
         self.released = len(chunks) < len(entries)
         return chunks
 
@@ -666,8 +681,9 @@ async def _script(io: Any, script: _Script, keys: list[str], *args: Any) -> Any:
 
 async def _renewal(io: Any, ended: Callable[[float], Awaitable[bool]], keys: list[str], token: str,
                    lock_ms: int) -> None:
-    # python-redis-lock's auto_renewal: the holder's lock outlives any call, and dies with the holder's process
-    while not await ended(lock_ms / 3000):
+    # python-redis-lock's auto_renewal: the holder's lock outlives any call, and dies with the holder's process.
+    # Not a stream's whose caller has let it wait for LOCK_TTL, though: its iterator may be dropped unclosed
+    while not await ended(lock_ms / 3000) and time.monotonic() - (io.paused or math.inf) < lock_ms / 1000:
         try:
             if not await _script(io, _RENEW, keys, token, lock_ms):
                 return  # not the holder (any more): the first answer stored wins
@@ -703,17 +719,20 @@ async def _count(io: Any, keys: list[str], s: _Settings, hits: int) -> None:
             _failed(io.r, e)
 
 
-# A streamed answer is stored as one entry: RS (which JSON text never holds) and the JSON list of its chunks. While
-# the holder streams it, each chunk is also published to the request's stream, where its waiters read it live.
+# A streamed answer is stored as one entry: RS (which JSON text never holds), the token of the holder that
+# streamed it, and the JSON list of its chunks. While the holder streams, each chunk is also published to the
+# request's stream, with the holder's token, where its waiters read it live.
 
 class _Stored(list):
-    """A streamed answer's stored chunks, as JSON gives them back."""
+    """A streamed answer's stored chunks, as JSON gives them back, and the token of the holder that streamed them."""
+
+    token = b""
 
 
 class _Live(NamedTuple):
     """Chunks of its answer that the lock's holder is streaming from the model."""
 
-    chunks: list[tuple[int, bytes]]  # (index, JSON), as published so far
+    chunks: list[tuple[int, bytes, bytes]]  # (index, JSON, the holder's token), as published so far
     waiter: _Waiter  # the connection that reads the next ones
 
 
@@ -725,40 +744,47 @@ class _Lead(NamedTuple):
     corrupt: tuple[bytes, ...]
     lost: bool  # the lock's reply was lost: the store must not hold the caller up
     stop: Callable[[], None] | None  # ends the lock's renewal
+    mark: tuple | None = None  # the caller's entry in _streaming
 
 
 def _decoded(data: str | bytes) -> Any:
     """An answer from its JSON; a streamed one's chunks as _Stored. ValueError if the JSON is corrupt."""
     if data[:1] not in (b"\x1e", "\x1e"):
         return json.loads(data)
-    chunks = json.loads(data[1:])
+    chunks = json.loads(data[17:])  # after RS and the 16 hex digits of a token
     if not isinstance(chunks, list):
         raise ValueError("a stream's entry holds no list of chunks")
-    return _Stored(chunks)
+    stored = _Stored(chunks)
+    stored.token = data[1:17] if isinstance(data, bytes) else data[1:17].encode()
+    return stored
 
 
 async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: int, s: _Settings,
                  got: _Stored | _Live | _Lead) -> AsyncGenerator[Any, None]:
     """A streamed answer's chunks: replayed from its entry; live as the lock's holder publishes them; or from
     the model while holding the lock: published as they come, and stored, and the lock released, at their end."""
-    n, waiter, entry = 0, got.waiter if isinstance(got, _Live) else _Waiter(), None
+    n, waiter, entry, following = 0, got.waiter if isinstance(got, _Live) else _Waiter(), None, b""
     texts: list[str] = []  # the model's chunks, as JSON
     try:
+        io.paused = time.monotonic()
         yield None  # primed: from here, closing the iterator or dropping it runs the finally block
+        io.paused = None
         while isinstance(got, _Live):
-            for index, data in got.chunks:
-                if index != n:  # a new holder's stream (the last one's died): its chunks don't follow on
-                    if n:
-                        _interrupted()
+            for index, data, holder in got.chunks:
+                if n and holder != following:  # a new holder's (the last one's died): no chunk of it follows on
+                    _interrupted()
+                if index != n:  # a repeat (a publish retried), or one the caller can't have yet
                     continue
                 yield json.loads(data)
-                n += 1
+                n, following = n + 1, holder
                 io.call_fn = _interrupted  # the caller holds chunks of this answer: the model can't finish it
             # the next chunks; after the release, or a wait with none, the entry or the lock tells what happened
             chunks = [] if waiter.released else await waiter.wait(io, keys[2], s.lock_ms)
             got = _Live(chunks, waiter) if chunks else \
                 (await _trip(io, keys, messages, model, ttl_ms, s, time.monotonic() + MAX_WAIT, waiter))[0]
         if isinstance(got, _Stored):
+            if n and got.token != following:  # another holder's answer, stored first
+                _interrupted()
             for value in got[n:]:
                 yield value
             return
@@ -770,8 +796,10 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
             if publishing:  # not after the lock was lost, or Redis failed: then the waiters read the entry
                 publishing = await _publish(io, keys, got.token, len(texts), text, s)  # type: ignore[arg-type]
             texts.append(text)  # type: ignore[arg-type]
+            io.paused = time.monotonic()
             yield value
-        entry = "\x1e[" + ",".join(texts) + "]"
+            io.paused = None
+        entry = f"\x1e{got.token}[{','.join(texts)}]"
     finally:  # also when the stream failed or its caller stopped: the lock is released at once, the waiters told
         await waiter.close(io)
         if isinstance(got, _Lead):
@@ -781,6 +809,7 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
 async def _ended(io: Any, keys: list[str], messages: list, model: str, ttl_ms: int, s: _Settings, lead: _Lead,
                  entry: str | None) -> None:
     """Stores a stream that ended (entry), and releases the lock; or, if it broke off, closes it."""
+    _streaming.discard(lead.mark)
     if lead.stop is not None:
         lead.stop()
     if lead.token is not None:
@@ -812,8 +841,12 @@ class _Chunks:
     """get_or_set's answer to a stream: an iterator of its chunks, which _relay gives."""
 
     def __init__(self, relay: AsyncGenerator) -> None:
-        self._relay = relay
-        _now(relay.__anext__())  # primed, so that dropping it unread closes it: a lock it holds is released
+        self._relay, hooks = relay, sys.get_asyncgen_hooks()
+        sys.set_asyncgen_hooks(None, None)  # closed when dropped, not by an event loop this thread may run
+        try:
+            _now(relay.__anext__())  # primed, so that dropping it unread closes it: a lock it holds is released
+        finally:
+            sys.set_asyncgen_hooks(*hooks)
 
     def __iter__(self) -> _Chunks:
         return self
@@ -833,6 +866,7 @@ class _Blocking:
 
     scope = "threads"  # whose callers may share a flight (a client is None for every path when REDIS_URL is bad)
     streams = (Iterator,)  # what call_fn may return as a stream
+    paused: float | None = None  # since when a stream's caller has held its last chunk
 
     def __init__(self, r: Any, call_fn: Callable[[], Any]) -> None:
         self.r, self.call_fn = r, call_fn
@@ -887,7 +921,7 @@ class _Async:
 
     def __init__(self, r: Any, call_fn: Callable[[], Any]) -> None:
         self.r, self.call_fn, self.scope = r, call_fn, asyncio.get_running_loop()
-        self.streams = (Iterator, AsyncIterator)
+        self.streams, self.paused = (Iterator, AsyncIterator), None
 
     async def command(self, *args: Any) -> Any:
         return await self.r.execute_command(*args, NEVER_DECODE=True)

@@ -247,6 +247,12 @@ def run_script(r, script, keys, *args):
     return cache._now(cache._script(cache._Blocking(r, None), script, keys, *args))
 
 
+def elsewhere(fn):
+    """fn(), called from another thread: a caller other than this thread."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result(timeout=60)
+
+
 def counting(value=ANSWER):
     """A call_fn that returns value and records each call."""
     def call_fn():
@@ -2005,7 +2011,7 @@ def test_cluster_streams_are_followed_live_and_replayed(cluster):
     model = Model(gates=gates)
     leader = cache.get_or_set(MSGS, "m", model, client=cluster)
     assert next(leader) == CHUNKS[0]
-    follower = cache.get_or_set(MSGS, "m", model, client=cluster)
+    follower = elsewhere(lambda: cache.get_or_set(MSGS, "m", model, client=cluster))
     assert next(follower) == CHUNKS[0]
     for gate in gates[1:]:
         gate.set()
@@ -2309,8 +2315,9 @@ def test_a_stream_is_relayed_as_it_comes_then_stored_and_replayed(ask, client):
     assert ask.stats(client=client) == {"hits": 1, "misses": 1, "tokens_saved": 7, "hit_rate": 0.5}
 
 
-def test_a_stream_without_usage_counts_its_prompt_and_deltas(ask, client):
-    model = Model([chunk("Par"), chunk("is.")])
+@pytest.mark.parametrize("chunks", [[chunk("Par"), chunk("is.")], ["Par", "is."]], ids=["deltas", "strings"])
+def test_a_stream_without_usage_counts_its_prompt_and_text(ask, client, chunks):
+    model = Model(chunks)
     for _ in range(2):
         assert ask.read(ask(MSGS, "m", model, client=client)) == model.chunks
     assert ask.stats(client=client)["tokens_saved"] == sum(len(m["content"]) for m in MSGS) + len("Paris.")
@@ -2346,9 +2353,8 @@ def test_a_stream_its_caller_stops_stores_nothing_and_releases_the_lock(ask, cli
     else:
         del stream  # asyncio closes a dropped async generator in a task of its loop
         gc.collect()  # (the test's event loop thread keeps a cycle through the last result)
-    _until(lambda: client.exists(lock) == 0)
+    _until(lambda: client.exists(lock) == 0 and model.closed == (how != "drop unread"))  # and the model's stream
     assert client.exists(entry) == 0
-    assert model.closed == (how != "drop unread")  # the model's stream too, if it was started
 
 
 def test_a_chunk_that_is_not_json_raises_type_error_and_stores_nothing(ask, client):
@@ -2463,7 +2469,7 @@ def test_a_follower_that_handed_out_chunks_raises_stream_interrupted_when_the_st
     model = Model(breaks={1})
     leader = ask(MSGS, "m", model, client=client)
     assert ask.next(leader) == CHUNKS[0]
-    follower = ask(MSGS, "m", model, client=client)
+    follower = elsewhere(lambda: ask(MSGS, "m", model, client=client))
     assert ask.next(follower) == CHUNKS[0]
     with pytest.raises(ConnectionResetError):
         ask.next(leader)
@@ -2479,11 +2485,78 @@ def test_a_follower_reads_chunks_live_over_either_protocol(server, protocol):
     gates[0].set()
     leader = cache.get_or_set(MSGS, "m", Model(gates=gates), client=leader_client)
     assert next(leader) == CHUNKS[0]
-    follower = cache.get_or_set(MSGS, "m", Model(), client=follower_client)
+    follower = elsewhere(lambda: cache.get_or_set(MSGS, "m", Model(), client=follower_client))
     assert next(follower) == CHUNKS[0]
     for gate in gates[1:]:
         gate.set()
     assert list(leader) == CHUNKS[1:] and list(follower) == CHUNKS[1:]
+
+
+def test_a_follower_never_hands_out_the_rest_of_another_answer(ask, client):
+    leader = ask(MSGS, "m", Model(), client=client)
+    assert ask.next(leader) == CHUNKS[0]
+    follower = elsewhere(lambda: ask(MSGS, "m", Model(), client=client))
+    assert ask.next(follower) == CHUNKS[0]
+    ask.close(leader)  # it stops, and another caller answers the whole request before the follower reads on
+    other = [chunk("Lyon."), chunk(usage=5)]
+    assert ask.read(ask(MSGS, "m", Model(other), client=client)) == other
+    with pytest.raises(cache.StreamInterrupted):
+        ask.next(follower)
+
+
+def test_a_chunk_published_twice_is_handed_out_once(client):
+    leader = cache.get_or_set(MSGS, "m", Model(), client=client)
+    assert next(leader) == CHUNKS[0]
+    follower = elsewhere(lambda: cache.get_or_set(MSGS, "m", Model(), client=client))
+    assert next(follower) == CHUNKS[0]
+    keys = cache._keys(MSGS, "m", None)
+    # as a publish whose reply was lost, and which the client then retried, leaves it
+    run_script(client, cache._PUBLISH, keys[1:3], client.get(keys[1]), 0, json.dumps(CHUNKS[0]), 10_000)
+    assert next(leader) == CHUNKS[1]
+    assert next(follower) == CHUNKS[1]
+    assert list(leader) == list(follower) == CHUNKS[2:]
+
+
+def test_a_stream_left_unread_lets_its_lock_go_and_another_caller_leads(ask, client, monkeypatch):
+    monkeypatch.setattr(cache, "LOCK_TTL", 0.3)
+    model = Model()
+    held = ask(MSGS, "m", model, client=client)  # never read or closed (kept by a traceback, say)
+    _until(lambda: client.exists(cache._keys(MSGS, "m", None)[1]) == 0, timeout=5)
+    assert ask.read(ask(MSGS, "m", model, client=client)) == CHUNKS and model.calls == 2
+    assert ask.read(held) == CHUNKS  # read at last, it still gives its own answer
+
+
+def test_a_thread_asking_again_while_it_leads_a_stream_does_not_wait_for_itself(client, monkeypatch):
+    monkeypatch.setattr(cache, "MAX_WAIT", 2)
+    model = Model()
+    first = cache.get_or_set(MSGS, "m", model, client=client)
+    assert next(first) == CHUNKS[0]  # then it breaks out of its loop, keeping the iterator, and asks again
+    assert list(cache.get_or_set(MSGS, "m", model, client=client)) == CHUNKS and model.calls == 2
+    assert list(first) == CHUNKS[1:]
+
+
+def test_a_task_asking_again_while_it_leads_a_stream_does_not_wait_for_itself(ask_async_client, monkeypatch):
+    (loop, aclient), model = ask_async_client, Model()
+    monkeypatch.setattr(cache, "MAX_WAIT", 2)
+
+    async def twice():
+        first = await cache.aget_or_set(MSGS, "m", model, client=aclient)
+        assert await first.__anext__() == CHUNKS[0]
+        assert [c async for c in await cache.aget_or_set(MSGS, "m", model, client=aclient)] == CHUNKS
+        return [c async for c in first]
+
+    assert loop.run(twice()) == CHUNKS[1:] and model.calls == 2
+
+
+def test_a_sync_stream_made_in_a_running_event_loop_outlives_it(client):
+    model = Model()
+
+    async def make():
+        return cache.get_or_set(MSGS, "m", model, client=client)
+
+    stream = asyncio.run(make())  # which closes the async generators it knows of
+    assert list(stream) == CHUNKS
+    assert list(cache.get_or_set(MSGS, "m", model, client=client)) == CHUNKS and model.calls == 1
 
 
 def _follow_stream(url, firsts, results):
