@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import queue
 import reprlib
 import secrets
 import sys
@@ -765,6 +766,7 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
     the model while holding the lock: published as they come, and stored, and the lock released, at their end."""
     n, waiter, entry, following = 0, got.waiter if isinstance(got, _Live) else _Waiter(), None, b""
     texts: list[str] = []  # the model's chunks, as JSON
+    chunks: Any = None  # those to publish, for a thread or task beside the caller
     try:
         io.paused = time.monotonic()
         yield None  # primed: from here, closing the iterator or dropping it runs the finally block
@@ -790,11 +792,12 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
             return
         if not isinstance(got, _Lead):
             raise TypeError(f"call_fn returned a stream for this request before, and now a {type(got).__name__}")
-        publishing = got.token is not None and _down_until.get(io.r, 0) <= time.monotonic()
+        if got.token is not None and _down_until.get(io.r, 0) <= time.monotonic():
+            chunks = io.publisher(keys, got.token, s)  # beside the caller, which gets each chunk at once
         while (chunk := await io.next(got.source)) is not _MISS:
             value, text = _json(chunk, what="call_fn's stream gave")
-            if publishing:  # not after the lock was lost, or Redis failed: then the waiters read the entry
-                publishing = await _publish(io, keys, got.token, len(texts), text, s)  # type: ignore[arg-type]
+            if chunks is not None:
+                chunks.put_nowait((len(texts), text))
             texts.append(text)  # type: ignore[arg-type]
             io.paused = time.monotonic()
             yield value
@@ -803,18 +806,22 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
     finally:  # also when the stream failed or its caller stopped: the lock is released at once, the waiters told
         await waiter.close(io)
         if isinstance(got, _Lead):
-            await _ended(io, keys, messages, model, ttl_ms, s, got, entry)
+            await _ended(io, keys, messages, model, ttl_ms, s, got, entry, chunks)
 
 
 async def _ended(io: Any, keys: list[str], messages: list, model: str, ttl_ms: int, s: _Settings, lead: _Lead,
-                 entry: str | None) -> None:
-    """Stores a stream that ended (entry), and releases the lock; or, if it broke off, closes it."""
+                 entry: str | None, chunks: Any) -> None:
+    """Stores a stream that ended (entry), once its chunks are published, and releases the lock; or, if it broke
+    off, releases the lock and closes the stream."""
     _streaming.discard(lead.mark)
     if lead.stop is not None:
         lead.stop()
     if lead.token is not None:
         tokens = _tokens(messages, model, _decoded(entry)) if entry else 0
         finishing = _finish(io, keys, lead.token, entry or "", tokens, ttl_ms, s, lead.corrupt)
+        if chunks is not None:
+            chunks.put_nowait(None)
+            finishing = _after(io.drained(chunks), finishing)
         if lead.lost or _down_until.get(io.r, 0) > time.monotonic():  # a store must not cost another timeout
             io.later(finishing)
         else:
@@ -824,12 +831,23 @@ async def _ended(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
         await closing  # the model's stream, stopped early: its connection goes back to its pool
 
 
-async def _publish(io: Any, keys: list[str], token: str, index: int, data: str, s: _Settings) -> bool:
-    try:
-        return bool(await _script(io, _PUBLISH, keys[1:3], token, index, data, s.lock_ms))
-    except _ERRORS as e:
-        _failed(io.r, e)
-        return False
+async def _publisher(io: Any, chunks: Any, keys: list[str], token: str, s: _Settings) -> None:
+    """Publishes a leader's chunks, in order, as the queue gives them, until None: none after the lock was lost
+    or Redis failed (then the waiters read the entry)."""
+    publishing = True
+    while (chunk := await io.get(chunks)) is not None:
+        try:
+            publishing = publishing and bool(await _script(io, _PUBLISH, keys[1:3], token, *chunk, s.lock_ms))
+        except _ERRORS as e:
+            _failed(io.r, e)
+            publishing = False
+        chunks.task_done()
+    chunks.task_done()
+
+
+async def _after(first: Awaitable, then: Coroutine) -> Any:
+    await first
+    return await then
 
 
 def _interrupted() -> Any:
@@ -908,6 +926,21 @@ class _Blocking:
     async def next(self, stream: Iterator) -> Any:
         return next(stream, _MISS)
 
+    def publisher(self, keys: list[str], token: str, s: _Settings) -> queue.Queue | None:
+        """A queue whose chunks a thread publishes."""
+        chunks: queue.Queue = queue.Queue()
+        publisher = _publisher(self, chunks, keys, token, s)
+        if not _start(_now, publisher):  # no thread to be had: then the waiters read the entry
+            publisher.close()
+            return None
+        return chunks
+
+    async def get(self, chunks: queue.Queue) -> Any:
+        return chunks.get()
+
+    async def drained(self, chunks: queue.Queue) -> None:
+        chunks.join()
+
     def later(self, coroutine: Coroutine) -> None:
         if not _start(_now, coroutine):
             _now(coroutine)
@@ -962,6 +995,18 @@ class _Async:
 
     async def next(self, stream: Iterator | AsyncIterator) -> Any:
         return await anext(stream, _MISS) if isinstance(stream, AsyncIterator) else next(stream, _MISS)
+
+    def publisher(self, keys: list[str], token: str, s: _Settings) -> asyncio.Queue:
+        """A queue whose chunks a task publishes."""
+        chunks: asyncio.Queue = asyncio.Queue()
+        self.later(_publisher(self, chunks, keys, token, s))
+        return chunks
+
+    async def get(self, chunks: asyncio.Queue) -> Any:
+        return await chunks.get()
+
+    async def drained(self, chunks: asyncio.Queue) -> None:
+        await chunks.join()
 
     def later(self, coroutine: Coroutine) -> asyncio.Task:
         task = asyncio.ensure_future(coroutine)
