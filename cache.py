@@ -821,7 +821,7 @@ async def _ended(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
         finishing = _finish(io, keys, lead.token, entry or "", tokens, ttl_ms, s, lead.corrupt)
         if chunks is not None:
             chunks.put_nowait(None)
-            finishing = _after(io.drained(chunks), finishing)
+            finishing = _published(io, chunks, finishing)
         if lead.lost or _down_until.get(io.r, 0) > time.monotonic():  # a store must not cost another timeout
             io.later(finishing)
         else:
@@ -845,9 +845,13 @@ async def _publisher(io: Any, chunks: Any, keys: list[str], token: str, s: _Sett
     chunks.task_done()
 
 
-async def _after(first: Awaitable, then: Coroutine) -> Any:
-    await first
-    return await then
+async def _published(io: Any, chunks: Any, finishing: Coroutine) -> Any:
+    """The store, once the chunks are published; in the background if Redis failed meanwhile."""
+    await io.drained(chunks)
+    if _down_until.get(io.r, 0) > time.monotonic():
+        io.later(finishing)
+        return None
+    return await finishing
 
 
 def _interrupted() -> Any:

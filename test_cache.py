@@ -2401,6 +2401,17 @@ def test_with_redis_down_chunks_pass_straight_through_converted(ask, caplog):
     assert model.calls == 2
 
 
+@pytest.mark.parametrize("fault", ["killed", "frozen"])
+def test_a_redis_that_fails_mid_stream_costs_the_leader_no_chunk(server, fault, caplog):
+    r = server.client(socket_timeout=0.2, socket_connect_timeout=0.2, retry=None)
+    leader = cache.get_or_set(MSGS, "m", Model(), client=r)
+    assert next(leader) == CHUNKS[0]
+    server.kill() if fault == "killed" else server.freeze()
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        assert list(leader) == CHUNKS[1:]
+    assert any("Redis failed" in record.message for record in caplog.records)
+
+
 def test_published_chunks_live_as_long_as_the_lock_and_are_trimmed_at_the_end(client, monkeypatch):
     monkeypatch.setattr(cache, "LOCK_TTL", 5)
     stream = cache.get_or_set(MSGS, "m", Model(), client=client)
