@@ -529,7 +529,7 @@ async def _trip(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
     may_hold = r is not None and _down_until.get(r, 0) <= time.monotonic()
     if may_hold:  # else Redis failed moments ago: don't wait on it again yet
         try:
-            value, data, corrupt = await _lookup(io, keys, token, deadline, s, waiter or _Waiter())
+            value, data, corrupt = await _lookup(io, keys, token, deadline, s, waiter)
             if _down_until.pop(r, None):
                 log.warning("llm cache: Redis answers again, caching resumed")
             if value is not _MISS:
@@ -576,7 +576,7 @@ def _json(result: Any, streams: tuple[type, ...] = (), what: str = "call_fn retu
 
 
 async def _lookup(io: Any, keys: list[str], token: str, deadline: float, s: _Settings,
-                  waiter: _Waiter) -> tuple[Any, str | bytes | None, tuple[bytes, ...]]:
+                  waiter: _Waiter | None) -> tuple[Any, str | bytes | None, tuple[bytes, ...]]:
     """The cached value and its JSON; or _MISS once the caller should call the model (holding the lock unless it
     waited until the deadline); or _Live chunks the holder is streaming. Last, a corrupt value found on the way,
     which the caller's store may replace."""
@@ -595,12 +595,13 @@ async def _lookup(io: Any, keys: list[str], token: str, deadline: float, s: _Set
             left = deadline - time.monotonic()
             if reply == 0 or left <= 0:
                 return _MISS, None, corrupt
+            waiter = waiter or _Waiter()  # (made only now: a hit needs none)
             chunks = await waiter.wait(io, keys[2], min(reply, left * 1000))
             if chunks:
                 live = _Live(chunks, waiter)
                 return live, None, corrupt
     finally:
-        if live is None:
+        if live is None and waiter is not None:
             await waiter.close(io)
 
 
