@@ -311,7 +311,7 @@ if e.err or not e[1] then  -- missing, or a key of another type that _FINISH ove
   if ARGV[1] == '' then return 0 end
   -- the GET lets a client's retry of this very call keep the lock it took
   if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[2]) == ARGV[1] then
-    redis.call('DEL', KEYS[3])
+    redis.pcall('XTRIM', KEYS[3], 'MAXLEN', 0)  -- not DEL: the next entry's ID then follows the last one's
     return 0
   end
   return math.max(redis.call('PTTL', KEYS[2]), 1)
@@ -345,13 +345,15 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """)
-# KEYS: 1 a lock, 2 its stream.  ARGV: 1 the holder's token, 2 the chunk's index, 3 its JSON, 4 LOCK_TTL ms.
-# Publishes a chunk of a streamed answer to the waiters, with its holder's token, if the lock is still the
-# holder's; returns 1 if so.
+# KEYS: 1 a lock, 2 its stream.  ARGV: 1 the holder's token, 2 LOCK_TTL ms, 3 the first chunk's index, 4... the
+# chunks' JSON.  Publishes chunks of a streamed answer to the waiters, with their holder's token, if the lock is
+# still the holder's; returns 1 if so.
 _PUBLISH = _Script(b"""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('XADD', KEYS[2], '*', 'i', ARGV[2], 'c', ARGV[3], 'o', ARGV[1])
-return redis.call('PEXPIRE', KEYS[2], ARGV[4])
+for i = 4, #ARGV do
+  redis.call('XADD', KEYS[2], '*', 'i', tostring(tonumber(ARGV[3]) + i - 4), 'c', ARGV[i], 'o', ARGV[1])
+end
+return redis.call('PEXPIRE', KEYS[2], ARGV[2])
 """)
 # KEYS as _READ.  ARGV: 1 lock token, 2 JSON value ('' stores nothing), 3 its tokens, 4 ttl ms, 5 LOCK_TTL ms,
 # 6 STATS_TTL ms, 7 (optional) the corrupt value the caller found.  The first answer stored wins: the value is
@@ -468,7 +470,7 @@ async def _flow(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
                 mine: _Flight) -> Any:
     # Go's singleflight: one caller per process and request goes to Redis and the model, the others wait for it
     flight_key, deadline = (id(io.r), io.scope, keys[0]), time.monotonic() + MAX_WAIT
-    if _streaming and (*flight_key, _who(mine)) in _streaming:  # it leads a stream of it: don't wait for that
+    if _streaming and _mark(io, keys) in _streaming:  # it leads a stream of this request: don't wait for that
         return (await _trip(io, keys, messages, model, ttl_ms, s, 0))[0]
     while (flight := _flights.setdefault(flight_key, mine)) is not mine:  # atomic: one dict operation
         if flight.leader == mine.leader:  # call_fn asked for its own request: don't wait for itself
@@ -500,16 +502,7 @@ async def _flow(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
         mine.end()
     if mine.counted and mine.data is not None:  # the followers were answered from Redis too: hits, in one trip
         await _count(io, keys, s, len(mine.counted))
-    if isinstance(result, _Lead) and result.token is not None:
-        mark = (*flight_key, _who(mine))
-        _streaming.add(mark)
-        result = result._replace(mark=mark)
     return result
-
-
-def _who(flight: _Flight) -> Any:
-    """Its leader, thread or task; a task by a weak reference, as the task holds the stream it returned."""
-    return flight.leader if isinstance(flight.leader, int) else weakref.ref(flight.leader)
 
 
 def _copied(error: Exception) -> Exception:
@@ -684,8 +677,9 @@ async def _script(io: Any, script: _Script, keys: list[str], *args: Any) -> Any:
 async def _renewal(io: Any, ended: Callable[[float], Awaitable[bool]], keys: list[str], token: str,
                    lock_ms: int) -> None:
     # python-redis-lock's auto_renewal: the holder's lock outlives any call, and dies with the holder's process.
-    # Not a stream's whose caller has let it wait for LOCK_TTL, though: its iterator may be dropped unclosed
-    while not await ended(lock_ms / 3000) and time.monotonic() - (io.paused or math.inf) < lock_ms / 1000:
+    # Not a stream's whose caller has held a chunk for MAX_WAIT, though (its waiters have given up by then): the
+    # iterator may be unreachable but alive, in a traceback, say
+    while not await ended(lock_ms / 3000) and time.monotonic() - (io.paused or math.inf) < MAX_WAIT:
         try:
             if not await _script(io, _RENEW, keys, token, lock_ms):
                 return  # not the holder (any more): the first answer stored wins
@@ -746,7 +740,6 @@ class _Lead(NamedTuple):
     corrupt: tuple[bytes, ...]
     lost: bool  # the lock's reply was lost: the store must not hold the caller up
     stop: Callable[[], None] | None  # ends the lock's renewal
-    mark: tuple | None = None  # the caller's entry in _streaming
 
 
 def _decoded(data: str | bytes) -> Any:
@@ -765,10 +758,12 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
                  got: _Stored | _Live | _Lead) -> AsyncGenerator[Any, None]:
     """A streamed answer's chunks: replayed from its entry; live as the lock's holder publishes them; or from
     the model while holding the lock: published as they come, and stored, and the lock released, at their end."""
-    n, waiter, entry, following = 0, got.waiter if isinstance(got, _Live) else _Waiter(), None, b""
+    n, waiter, entry, following, mark = 0, got.waiter if isinstance(got, _Live) else _Waiter(), None, b"", None
     texts: list[str] = []  # the model's chunks, as JSON
-    chunks: Any = None  # those to publish, for a thread or task beside the caller
+    outbox: Any = None  # the chunks to publish, for a thread or task beside the caller
     try:
+        if isinstance(got, _Lead):  # so that the caller, asking again, doesn't wait for itself
+            _streaming.add(mark := _mark(io, keys))
         io.paused = time.monotonic()
         yield None  # primed: from here, closing the iterator or dropping it runs the finally block
         io.paused = None
@@ -793,12 +788,14 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
             return
         if not isinstance(got, _Lead):
             raise TypeError(f"call_fn returned a stream for this request before, and now a {type(got).__name__}")
+        if mark is None:  # a follower that now leads
+            _streaming.add(mark := _mark(io, keys))
         if got.token is not None and _down_until.get(io.r, 0) <= time.monotonic():
-            chunks = io.publisher(keys, got.token, s)  # beside the caller, which gets each chunk at once
+            outbox = io.publisher(keys, got.token, s)  # beside the caller, which gets each chunk at once
         while (chunk := await io.next(got.source)) is not _MISS:
             value, text = _json(chunk, what="call_fn's stream gave")
-            if chunks is not None:
-                chunks.put_nowait((len(texts), text))
+            if outbox is not None:
+                outbox.put_nowait((len(texts), text))
             texts.append(text)  # type: ignore[arg-type]
             io.paused = time.monotonic()
             yield value
@@ -806,53 +803,61 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
         entry = f"\x1e{got.token}[{','.join(texts)}]"
     finally:  # also when the stream failed or its caller stopped: the lock is released at once, the waiters told
         await waiter.close(io)
+        if outbox is not None:
+            outbox.put_nowait(None)  # the publisher's last batch: what it has, and no more
+        _streaming.discard(mark)
         if isinstance(got, _Lead):
-            await _ended(io, keys, messages, model, ttl_ms, s, got, entry, chunks)
+            await _ended(io, keys, messages, model, ttl_ms, s, got, entry)
 
 
 async def _ended(io: Any, keys: list[str], messages: list, model: str, ttl_ms: int, s: _Settings, lead: _Lead,
-                 entry: str | None, chunks: Any) -> None:
-    """Stores a stream that ended (entry), once its chunks are published, and releases the lock; or, if it broke
-    off, releases the lock and closes the stream."""
-    _streaming.discard(lead.mark)
+                 entry: str | None) -> None:
+    """Stores a stream that ended (entry) and releases the lock; or, if it broke off, releases the lock and
+    closes the model's stream. Chunks still being published then are refused: the lock is no longer theirs."""
     if lead.stop is not None:
         lead.stop()
-    if lead.token is not None:
-        tokens = _tokens(messages, model, _decoded(entry)) if entry else 0
-        finishing = _finish(io, keys, lead.token, entry or "", tokens, ttl_ms, s, lead.corrupt)
-        if chunks is not None:
-            chunks.put_nowait(None)
-            finishing = _published(io, chunks, finishing)
-        if lead.lost or _down_until.get(io.r, 0) > time.monotonic():  # a store must not cost another timeout
-            io.later(finishing)
-        else:
-            await io.settle(finishing)
-    close = getattr(lead.source, "aclose", None) or getattr(lead.source, "close", None)
-    if entry is None and close is not None and inspect.isawaitable(closing := close()):
-        await closing  # the model's stream, stopped early: its connection goes back to its pool
+    try:
+        if lead.token is not None:
+            tokens = _tokens(messages, model, _decoded(entry)) if entry else 0
+            finishing = _finish(io, keys, lead.token, entry or "", tokens, ttl_ms, s, lead.corrupt)
+            if lead.lost or _down_until.get(io.r, 0) > time.monotonic():  # a store must not cost another timeout
+                io.later(finishing)
+            else:
+                await io.settle(finishing)
+    finally:  # (also when a cancellation is delivered again during the store)
+        close = getattr(lead.source, "aclose", None) or getattr(lead.source, "close", None)
+        if entry is None and close is not None and inspect.isawaitable(closing := close()):
+            await closing  # the model's stream, stopped early: its connection goes back to its pool
 
 
-async def _publisher(io: Any, chunks: Any, keys: list[str], token: str, s: _Settings) -> None:
-    """Publishes a leader's chunks, in order, as the queue gives them, until None: none after the lock was lost
-    or Redis failed (then the waiters read the entry)."""
-    publishing = True
-    while (chunk := await io.get(chunks)) is not None:
+async def _publisher(io: Any, outbox: Any, keys: list[str], token: str, s: _Settings) -> None:
+    """Publishes a leader's chunks, in order, in batches of those waiting, until None: none after the lock was
+    lost or Redis failed (then the waiters read the entry)."""
+    while True:
+        batch = [await io.get(outbox)]
+        while not outbox.empty():
+            batch.append(outbox.get_nowait())
+        last = None in batch
+        batch = batch[:batch.index(None)] if last else batch
         try:
-            publishing = publishing and bool(await _script(io, _PUBLISH, keys[1:3], token, *chunk, s.lock_ms))
-        except _ERRORS as e:
-            _failed(io.r, e)
-            publishing = False
-        chunks.task_done()
-    chunks.task_done()
+            if batch and not await _script(io, _PUBLISH, keys[1:3], token, s.lock_ms, batch[0][0],
+                                           *(text for _, text in batch)):
+                return
+        except Exception as e:  # beside the caller, nothing may raise: a closed client, say
+            if isinstance(e, _ERRORS):
+                _failed(io.r, e)
+            return
+        if last:
+            return
 
 
-async def _published(io: Any, chunks: Any, finishing: Coroutine) -> Any:
-    """The store, once the chunks are published; in the background if Redis failed meanwhile."""
-    await io.drained(chunks)
-    if _down_until.get(io.r, 0) > time.monotonic():
-        io.later(finishing)
-        return None
-    return await finishing
+def _mark(io: Any, keys: list[str]) -> tuple:
+    """The caller, in _streaming: its client, threads or loop, request, and thread or task (a weak reference:
+    a task holds the stream it returns)."""
+    if io.scope == "threads":
+        return id(io.r), io.scope, keys[0], threading.get_ident()
+    task = asyncio.current_task()
+    return id(io.r), id(io.scope), keys[0], task and weakref.ref(task)
 
 
 def _interrupted() -> Any:
@@ -931,20 +936,17 @@ class _Blocking:
     async def next(self, stream: Iterator) -> Any:
         return next(stream, _MISS)
 
-    def publisher(self, keys: list[str], token: str, s: _Settings) -> queue.Queue | None:
+    def publisher(self, keys: list[str], token: str, s: _Settings) -> queue.SimpleQueue | None:
         """A queue whose chunks a thread publishes."""
-        chunks: queue.Queue = queue.Queue()
-        publisher = _publisher(self, chunks, keys, token, s)
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        publisher = _publisher(self, outbox, keys, token, s)
         if not _start(_now, publisher):  # no thread to be had: then the waiters read the entry
             publisher.close()
             return None
-        return chunks
+        return outbox
 
-    async def get(self, chunks: queue.Queue) -> Any:
-        return chunks.get()
-
-    async def drained(self, chunks: queue.Queue) -> None:
-        chunks.join()
+    async def get(self, outbox: queue.SimpleQueue) -> Any:
+        return outbox.get()
 
     def later(self, coroutine: Coroutine) -> None:
         if not _start(_now, coroutine):
@@ -1003,15 +1005,12 @@ class _Async:
 
     def publisher(self, keys: list[str], token: str, s: _Settings) -> asyncio.Queue:
         """A queue whose chunks a task publishes."""
-        chunks: asyncio.Queue = asyncio.Queue()
-        self.later(_publisher(self, chunks, keys, token, s))
-        return chunks
+        outbox: asyncio.Queue = asyncio.Queue()
+        self.later(_publisher(self, outbox, keys, token, s))
+        return outbox
 
-    async def get(self, chunks: asyncio.Queue) -> Any:
-        return await chunks.get()
-
-    async def drained(self, chunks: asyncio.Queue) -> None:
-        await chunks.join()
+    async def get(self, outbox: asyncio.Queue) -> Any:
+        return await outbox.get()
 
     def later(self, coroutine: Coroutine) -> asyncio.Task:
         task = asyncio.ensure_future(coroutine)

@@ -2523,7 +2523,7 @@ def test_a_chunk_published_twice_is_handed_out_once(client):
     assert next(follower) == CHUNKS[0]
     keys = cache._keys(MSGS, "m", None)
     # as a publish whose reply was lost, and which the client then retried, leaves it
-    run_script(client, cache._PUBLISH, keys[1:3], client.get(keys[1]), 0, json.dumps(CHUNKS[0]), 10_000)
+    run_script(client, cache._PUBLISH, keys[1:3], client.get(keys[1]), 10_000, 0, json.dumps(CHUNKS[0]))
     assert next(leader) == CHUNKS[1]
     assert next(follower) == CHUNKS[1]
     assert list(leader) == list(follower) == CHUNKS[2:]
@@ -2531,11 +2531,46 @@ def test_a_chunk_published_twice_is_handed_out_once(client):
 
 def test_a_stream_left_unread_lets_its_lock_go_and_another_caller_leads(ask, client, monkeypatch):
     monkeypatch.setattr(cache, "LOCK_TTL", 0.3)
+    monkeypatch.setattr(cache, "MAX_WAIT", 0.5)  # its waiters have given up by then
     model = Model()
     held = ask(MSGS, "m", model, client=client)  # never read or closed (kept by a traceback, say)
     _until(lambda: client.exists(cache._keys(MSGS, "m", None)[1]) == 0, timeout=5)
     assert ask.read(ask(MSGS, "m", model, client=client)) == CHUNKS and model.calls == 2
     assert ask.read(held) == CHUNKS  # read at last, it still gives its own answer
+
+
+def test_a_reader_slower_than_the_lock_keeps_it_and_its_followers(client, monkeypatch):
+    monkeypatch.setattr(cache, "LOCK_TTL", 0.3)
+    gates = [threading.Event() for _ in CHUNKS]
+    model = Model(gates=gates)
+    leader = cache.get_or_set(MSGS, "m", model, client=client)
+    gates[0].set()
+    assert next(leader) == CHUNKS[0]
+    follower = elsewhere(lambda: cache.get_or_set(MSGS, "m", model, client=client))
+    assert next(follower) == CHUNKS[0]
+    time.sleep(1.0)  # the leader's caller holds its chunk for three LOCK_TTLs
+    for gate in gates[1:]:
+        gate.set()
+    assert list(leader) == list(follower) == CHUNKS[1:] and model.calls == 1
+
+
+def _lead_and_break(url, model):
+    async def main():
+        r = redis.asyncio.Redis.from_url(url)
+        async for _ in await cache.aget_or_set(MSGS, "m", model, client=r):
+            break  # and return, the stream unfinished: asyncio.run cancels the tasks, then closes the generators
+
+    asyncio.run(main())
+
+
+def test_asyncio_run_returns_with_a_stream_left_unfinished_and_releases_its_lock(real_url):
+    model = Model(gates=[threading.Event() for _ in CHUNKS])
+    model.gates[0].set()
+    runner = threading.Thread(target=_lead_and_break, args=(real_url, model), daemon=True)
+    runner.start()
+    runner.join(timeout=10)
+    assert not runner.is_alive()
+    assert redis.Redis.from_url(real_url).exists(*cache._keys(MSGS, "m", None)[:2]) == 0 and model.closed == 1
 
 
 def test_a_thread_asking_again_while_it_leads_a_stream_does_not_wait_for_itself(client, monkeypatch):
