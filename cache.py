@@ -59,7 +59,7 @@ _flights: dict[tuple[int, Any, str], _Flight] = {}  # (client, threads or loop, 
 _wait_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> waiters' connections it may still open
 _loop_clients: dict[asyncio.AbstractEventLoop, dict] = {}  # event loop -> the clients made from REDIS_URL for it
 _tasks: set[asyncio.Task] = set()  # background tasks, held until they end
-_streaming: set[tuple] = set()  # (client, threads or loop, entry, thread or task) of each stream being led
+_streaming: set[tuple] = set()  # (entry, thread, or loop and task) of each stream being led
 _encodings: dict[str, Any] = {}  # tiktoken encoding name -> the encoding, once loaded
 _loads: dict[str, float] = {}  # encoding name -> when its last load failed (inf while one runs)
 _loading = threading.Lock()  # so that one thread starts a load, and one warns
@@ -852,12 +852,12 @@ async def _publisher(io: Any, outbox: Any, keys: list[str], token: str, s: _Sett
 
 
 def _mark(io: Any, keys: list[str]) -> tuple:
-    """The caller, in _streaming: its client, threads or loop, request, and thread or task (a weak reference:
-    a task holds the stream it returns)."""
+    """The caller, in _streaming: its request, and its thread, or its loop and task (a weak reference: a task
+    holds the stream it returns). Through any client: its own lock is in the way on each."""
     if io.scope == "threads":
-        return id(io.r), io.scope, keys[0], threading.get_ident()
+        return keys[0], threading.get_ident()
     task = asyncio.current_task()
-    return id(io.r), id(io.scope), keys[0], task and weakref.ref(task)
+    return keys[0], id(io.scope), task and weakref.ref(task)
 
 
 def _interrupted() -> Any:

@@ -2548,10 +2548,11 @@ def test_a_reader_slower_than_the_lock_keeps_it_and_its_followers(client, monkey
     assert next(leader) == CHUNKS[0]
     follower = elsewhere(lambda: cache.get_or_set(MSGS, "m", model, client=client))
     assert next(follower) == CHUNKS[0]
-    time.sleep(1.0)  # the leader's caller holds its chunk for three LOCK_TTLs
+    time.sleep(1.0)  # the leader's caller holds its chunk for three LOCK_TTLs; then another caller comes
+    late = elsewhere(lambda: cache.get_or_set(MSGS, "m", model, client=client))
     for gate in gates[1:]:
         gate.set()
-    assert list(leader) == list(follower) == CHUNKS[1:] and model.calls == 1
+    assert list(leader) == list(follower) == CHUNKS[1:] and list(late) == CHUNKS and model.calls == 1
 
 
 def _lead_and_break(url, model):
@@ -2580,6 +2581,26 @@ def test_a_thread_asking_again_while_it_leads_a_stream_does_not_wait_for_itself(
     assert next(first) == CHUNKS[0]  # then it breaks out of its loop, keeping the iterator, and asks again
     assert list(cache.get_or_set(MSGS, "m", model, client=client)) == CHUNKS and model.calls == 2
     assert list(first) == CHUNKS[1:]
+
+
+def test_a_follower_that_comes_to_lead_and_asks_again_through_another_client_does_not_wait_for_itself(
+        client, monkeypatch):
+    monkeypatch.setattr(cache, "MAX_WAIT", 2)
+    model = Model()
+    first = cache.get_or_set(MSGS, "m", model, client=client)  # leads, and will stop before any chunk
+
+    def follow_then_lead_then_ask_again():
+        stream = cache.get_or_set(MSGS, "m", model, client=twin(client))  # waits, then leads once first stops
+        head = next(stream)
+        again = list(cache.get_or_set(MSGS, "m", model, client=twin(client)))
+        return [head, *stream], again
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(follow_then_lead_then_ask_again)
+        _until(lambda: cache._wait_slots)  # it waits
+        first.close()
+        assert outcome.result(timeout=30) == (CHUNKS, CHUNKS)
+    assert model.calls == 3  # the first caller's, the follower's when it came to lead, and its second ask's
 
 
 def test_a_task_asking_again_while_it_leads_a_stream_does_not_wait_for_itself(ask_async_client, monkeypatch):
