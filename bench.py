@@ -227,7 +227,22 @@ def thousand_tasks(url: str, tasks: int = 1000, call: float = 1.0) -> dict:
     return asyncio.run(run())
 
 
-def _crowd_member(url, delay, leader_call, start, done, out):
+def _released_together(workers: list[tuple]) -> list:
+    """A process per (target, *args), each started and connected, then all released at once by an Event; what
+    each put in the queue (target takes its args, then the Event and the queue)."""
+    start, out = FORK.Event(), FORK.Queue()
+    procs = [FORK.Process(target=target, args=(*args, start, out)) for target, *args in workers]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)  # let every process connect first
+    start.set()
+    rows = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join()
+    return rows
+
+
+def _crowd_member(url, delay, leader_call, done, start, out):
     r = Counting.from_url(url)
     r.ping()
 
@@ -255,16 +270,9 @@ def crowd(url: str, processes: int, leader_call: float = 1.0, lock_ttl: float | 
     previous_lock_ttl = cache.LOCK_TTL
     cache.LOCK_TTL = lock_ttl or previous_lock_ttl  # the forked members inherit it
     cache.PREFIX = f"bench:crowd:{processes}:{random.random()}:"
-    start, done, out = FORK.Event(), FORK.Barrier(processes), FORK.Queue()
+    done = FORK.Barrier(processes)
     delays = [0.0] + [random.uniform(0.05, leader_call * 0.8) for _ in range(processes - 1)]
-    procs = [FORK.Process(target=_crowd_member, args=(url, d, leader_call, start, done, out)) for d in delays]
-    for p in procs:
-        p.start()
-    time.sleep(0.5)  # let every process connect first
-    start.set()
-    rows = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join()
+    rows = _released_together([(_crowd_member, url, d, leader_call, done) for d in delays])
     cache.LOCK_TTL = previous_lock_ttl
     leader = min(rows, key=lambda row: row["delay"])
     waiters = [row for row in rows if row is not leader]
@@ -308,15 +316,7 @@ def stream_followers(url: str, followers: int = 16, chunks: int = 40, gap: float
     A chunk's lag is from the moment the model sent it (to the leader) to the moment a caller got it (the
     monotonic clock is system-wide); time to first chunk is from each caller's call of get_or_set."""
     cache.PREFIX = f"bench:stream:{random.random()}:"
-    start, out = FORK.Event(), FORK.Queue()
-    procs = [FORK.Process(target=_streamer, args=(url, chunks, gap, start, out)) for _ in range(followers + 1)]
-    for p in procs:
-        p.start()
-    time.sleep(0.5)  # let every process connect first
-    start.set()
-    rows = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join()
+    rows = _released_together([(_streamer, url, chunks, gap)] * (followers + 1))
     leader = next(row for row in rows if row["sent"])
     rest = [row for row in rows if row is not leader]
     lags = [(row["times"][i] - leader["sent"][i]) * 1000 for row in rest for i in range(chunks)]

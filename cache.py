@@ -59,7 +59,7 @@ _flights: dict[tuple[int, Any, str], _Flight] = {}  # (client, threads or loop, 
 _wait_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> waiters' connections it may still open
 _loop_clients: dict[asyncio.AbstractEventLoop, dict] = {}  # event loop -> the clients made from REDIS_URL for it
 _tasks: set[asyncio.Task] = set()  # background tasks, held until they end
-_streaming: set[tuple] = set()  # (entry, thread, or loop and task) of each stream being led
+_streaming: dict[tuple, int] = {}  # (entry, thread, or loop and task) -> how many streams of it that caller leads
 _encodings: dict[str, Any] = {}  # tiktoken encoding name -> the encoding, once loaded
 _loads: dict[str, float] = {}  # encoding name -> when its last load failed (inf while one runs)
 _loading = threading.Lock()  # so that one thread starts a load, and one warns
@@ -311,7 +311,9 @@ if e.err or not e[1] then  -- missing, or a key of another type that _FINISH ove
   if ARGV[1] == '' then return 0 end
   -- the GET lets a client's retry of this very call keep the lock it took
   if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[2]) == ARGV[1] then
-    redis.pcall('XTRIM', KEYS[3], 'MAXLEN', 0)  -- not DEL: the next entry's ID then follows the last one's
+    -- emptied, not deleted: the next entry's ID then follows the last one's (a key of another type goes)
+    if redis.call('TYPE', KEYS[3]).ok == 'stream' then redis.call('XTRIM', KEYS[3], 'MAXLEN', 0)
+    else redis.call('DEL', KEYS[3]) end
     return 0
   end
   return math.max(redis.call('PTTL', KEYS[2]), 1)
@@ -628,7 +630,7 @@ class _Waiter:
         except redis.TimeoutError:  # slow, or frozen: the next read tells
             await io.close(self.conn)
             return []
-        except redis.ConnectionError:  # dropped, or refused (maxclients): poll once, then connect again
+        except _ERRORS:  # dropped, refused (maxclients), or an error reply: poll once, then connect again
             await io.close(self.conn)
             await io.sleep(min(ms, 50) / 1000)
             return []
@@ -758,12 +760,14 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
                  got: _Stored | _Live | _Lead) -> AsyncGenerator[Any, None]:
     """A streamed answer's chunks: replayed from its entry; live as the lock's holder publishes them; or from
     the model while holding the lock: published as they come, and stored, and the lock released, at their end."""
-    n, waiter, entry, following, mark = 0, got.waiter if isinstance(got, _Live) else _Waiter(), None, b"", None
+    n, waiter, entry, following = 0, got.waiter if isinstance(got, _Live) else _Waiter(), None, b""
+    mark: tuple | None = None  # the caller's, in _streaming, once it leads
     texts: list[str] = []  # the model's chunks, as JSON
     outbox: Any = None  # the chunks to publish, for a thread or task beside the caller
     try:
         if isinstance(got, _Lead):  # so that the caller, asking again, doesn't wait for itself
-            _streaming.add(mark := _mark(io, keys))
+            mark = _mark(io, keys)
+            _streaming[mark] = _streaming.get(mark, 0) + 1
         io.paused = time.monotonic()
         yield None  # primed: from here, closing the iterator or dropping it runs the finally block
         io.paused = None
@@ -789,7 +793,8 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
         if not isinstance(got, _Lead):
             raise TypeError(f"call_fn returned a stream for this request before, and now a {type(got).__name__}")
         if mark is None:  # a follower that now leads
-            _streaming.add(mark := _mark(io, keys))
+            mark = _mark(io, keys)
+            _streaming[mark] = _streaming.get(mark, 0) + 1
         if got.token is not None and _down_until.get(io.r, 0) <= time.monotonic():
             outbox = io.publisher(keys, got.token, s)  # beside the caller, which gets each chunk at once
         while (chunk := await io.next(got.source)) is not _MISS:
@@ -805,7 +810,8 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
         await waiter.close(io)
         if outbox is not None:
             outbox.put_nowait(None)  # the publisher's last batch: what it has, and no more
-        _streaming.discard(mark)
+        if mark is not None and (left := _streaming.pop(mark, 1) - 1):  # (it may lead another, asking again)
+            _streaming[mark] = left
         if isinstance(got, _Lead):
             await _ended(io, keys, messages, model, ttl_ms, s, got, entry)
 

@@ -2603,6 +2603,22 @@ def test_a_follower_that_comes_to_lead_and_asks_again_through_another_client_doe
     assert model.calls == 3  # the first caller's, the follower's when it came to lead, and its second ask's
 
 
+def test_a_thread_asking_again_twice_while_it_leads_a_stream_never_waits_for_itself(client, monkeypatch):
+    monkeypatch.setattr(cache, "MAX_WAIT", 20)
+    model = Model()
+
+    def ask_three_times():
+        first = cache.get_or_set(MSGS, "m", model, client=client)
+        next(first)
+        second = cache.get_or_set(MSGS, "m", model, client=client)  # led by it too
+        head = next(second)
+        second.close()  # and stopped
+        return head, list(cache.get_or_set(MSGS, "m", model, client=client)), list(first)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert pool.submit(ask_three_times).result(timeout=10) == (CHUNKS[0], CHUNKS, CHUNKS[1:])
+
+
 def test_a_task_asking_again_while_it_leads_a_stream_does_not_wait_for_itself(ask_async_client, monkeypatch):
     (loop, aclient), model = ask_async_client, Model()
     monkeypatch.setattr(cache, "MAX_WAIT", 2)
@@ -2625,6 +2641,30 @@ def test_a_sync_stream_made_in_a_running_event_loop_outlives_it(client):
     stream = asyncio.run(make())  # which closes the async generators it knows of
     assert list(stream) == CHUNKS
     assert list(cache.get_or_set(MSGS, "m", model, client=client)) == CHUNKS and model.calls == 1
+
+
+def test_a_stream_key_of_another_type_is_replaced_when_a_leader_takes_the_lock(client):
+    client.set(cache._keys(MSGS, "m", None)[2], "not a stream")
+    model = Model()
+    leader = cache.get_or_set(MSGS, "m", model, client=client)
+    assert next(leader) == CHUNKS[0]
+    follower = elsewhere(lambda: cache.get_or_set(MSGS, "m", model, client=client))
+    assert next(follower) == CHUNKS[0]  # live
+    assert list(leader) == list(follower) == CHUNKS[1:] and model.calls == 1
+
+
+def test_a_follower_whose_stream_key_turns_into_another_type_reads_the_entry(server, caplog):
+    client, model = server.client(), Model()  # (fakeredis raises its own AttributeError there)
+    leader = cache.get_or_set(MSGS, "m", model, client=client)
+    assert next(leader) == CHUNKS[0]
+    follower = elsewhere(lambda: cache.get_or_set(MSGS, "m", model, client=client))
+    assert next(follower) == CHUNKS[0]
+    stream_key = cache._keys(MSGS, "m", None)[2]
+    client.delete(stream_key)
+    client.set(stream_key, "not a stream")  # its reads now get error replies
+    with caplog.at_level(logging.WARNING, logger="cache"):
+        assert list(leader) == CHUNKS[1:]
+        assert list(follower) == CHUNKS[1:] and model.calls == 1
 
 
 def _follow_stream(url, firsts, results):
