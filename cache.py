@@ -546,10 +546,8 @@ async def _trip(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
         if stop is not None:
             stop()
             tokens = _tokens(messages, model, result) if data else 0
-            finishing = _finish(io, keys, token, data or "", tokens, ttl_ms, s, corrupt)
-            if lost:  # after a timeout, the caller doesn't wait for another
-                io.later(finishing)
-            elif (stored := await io.settle(finishing)) is not None:  # another worker's answer came first: it wins
+            # after a timeout, the caller doesn't wait for another; another worker's answer stored first wins
+            if (stored := await _store(io, keys, token, data or "", tokens, ttl_ms, s, corrupt, lost)) is not None:
                 result, data = stored
     return result, data
 
@@ -627,12 +625,11 @@ class _Waiter:
         try:
             woken = await io.xread(self.conn, "XREAD", "BLOCK", max(1, int(min(ms, (self.timeout or 1) * 1000))),
                                    "STREAMS", stream, self.seen)
-        except redis.TimeoutError:  # slow, or frozen: the next read tells
+        except _ERRORS as e:  # the next wait connects again
             await io.close(self.conn)
-            return []
-        except _ERRORS:  # dropped, refused (maxclients), or an error reply: poll once, then connect again
-            await io.close(self.conn)
-            await io.sleep(min(ms, 50) / 1000)
+            if not isinstance(e, redis.TimeoutError):  # slow or frozen, the next read tells; else dropped, refused
+                # (maxclients) or an error reply: poll once first
+                await io.sleep(min(ms, 50) / 1000)
             return []
         chunks = []
         entries = (next(iter(woken.values())) if isinstance(woken, dict) else woken[0][1]) if woken else []
@@ -708,6 +705,17 @@ async def _finish(io: Any, keys: list[str], token: str, data: str | bytes, token
     return None  # (not reached: the second try returns)
 
 
+async def _store(io: Any, keys: list[str], token: str, data: str | bytes, tokens: int, ttl_ms: int, s: _Settings,
+                 corrupt: tuple[bytes, ...], later: bool) -> tuple[Any, bytes] | None:
+    """_finish, which a cancellation can't stop; in the background if later, else the answer stored first, if
+    another was."""
+    finishing = _finish(io, keys, token, data, tokens, ttl_ms, s, corrupt)
+    if later:
+        io.later(finishing)
+        return None
+    return await io.settle(finishing)
+
+
 async def _count(io: Any, keys: list[str], s: _Settings, hits: int) -> None:
     """Counts hits on the entry (statistics, hot window) for callers answered by another caller's trip."""
     if io.r is not None and _down_until.get(io.r, 0) <= time.monotonic():
@@ -765,9 +773,8 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
     texts: list[str] = []  # the model's chunks, as JSON
     outbox: Any = None  # the chunks to publish, for a thread or task beside the caller
     try:
-        if isinstance(got, _Lead):  # so that the caller, asking again, doesn't wait for itself
-            mark = _mark(io, keys)
-            _streaming[mark] = _streaming.get(mark, 0) + 1
+        if isinstance(got, _Lead):  # now, so that the caller, asking again before it reads, doesn't wait for itself
+            mark = _leading(io, keys)
         io.paused = time.monotonic()
         yield None  # primed: from here, closing the iterator or dropping it runs the finally block
         io.paused = None
@@ -792,9 +799,7 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
             return
         if not isinstance(got, _Lead):
             raise TypeError(f"call_fn returned a stream for this request before, and now a {type(got).__name__}")
-        if mark is None:  # a follower that now leads
-            mark = _mark(io, keys)
-            _streaming[mark] = _streaming.get(mark, 0) + 1
+        mark = mark or _leading(io, keys)  # (a follower that now leads)
         if got.token is not None and _down_until.get(io.r, 0) <= time.monotonic():
             outbox = io.publisher(keys, got.token, s)  # beside the caller, which gets each chunk at once
         while (chunk := await io.next(got.source)) is not _MISS:
@@ -823,13 +828,10 @@ async def _ended(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
     if lead.stop is not None:
         lead.stop()
     try:
-        if lead.token is not None:
+        if lead.token is not None:  # a store after Redis failed must not cost another timeout
             tokens = _tokens(messages, model, _decoded(entry)) if entry else 0
-            finishing = _finish(io, keys, lead.token, entry or "", tokens, ttl_ms, s, lead.corrupt)
-            if lead.lost or _down_until.get(io.r, 0) > time.monotonic():  # a store must not cost another timeout
-                io.later(finishing)
-            else:
-                await io.settle(finishing)
+            await _store(io, keys, lead.token, entry or "", tokens, ttl_ms, s, lead.corrupt,
+                         lead.lost or _down_until.get(io.r, 0) > time.monotonic())
     finally:  # (also when a cancellation is delivered again during the store)
         close = getattr(lead.source, "aclose", None) or getattr(lead.source, "close", None)
         if entry is None and close is not None and inspect.isawaitable(closing := close()):
@@ -864,6 +866,13 @@ def _mark(io: Any, keys: list[str]) -> tuple:
         return keys[0], threading.get_ident()
     task = asyncio.current_task()
     return keys[0], id(io.scope), task and weakref.ref(task)
+
+
+def _leading(io: Any, keys: list[str]) -> tuple:
+    """Counts the caller as leading a stream of the request, until _relay's end takes it back; its mark."""
+    mark = _mark(io, keys)
+    _streaming[mark] = _streaming.get(mark, 0) + 1
+    return mark
 
 
 def _interrupted() -> Any:
