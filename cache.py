@@ -390,11 +390,11 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
     keys, ttl_ms, s = _checked(messages, model, call_fn, ttl, params)
     if inspect.iscoroutinefunction(call_fn):
         raise TypeError(f"call_fn is a coroutine function ({call_fn.__qualname__}): await aget_or_set for it")
-    io, ended = _Blocking(_redis(client), call_fn), threading.Lock()
+    io, ended = _Blocking(_redis(client), call_fn, keys, messages, model, ttl_ms, s), threading.Lock()
     ended.acquire()  # a lock, not an Event: an Event costs a hit 3 µs more
-    result = _now(_flow(io, keys, messages, model, ttl_ms, s, _Flight(ended, threading.get_ident())))
+    result = _now(_flow(io, _Flight(ended, threading.get_ident())))
     if isinstance(result, (_Stored, _Live, _Lead)):
-        return _Chunks(_relay(io, keys, messages, model, ttl_ms, s, result))
+        return _Chunks(_relay(io, result))
     return result
 
 
@@ -404,11 +404,11 @@ async def aget_or_set(messages: list[dict], model: str, call_fn: Callable[[], An
     """get_or_set for asyncio: call_fn may return an awaitable, and no wait blocks the event loop. A stream
     (an iterator or async iterator, such as AsyncStream) is answered with an async iterator of its chunks."""
     keys, ttl_ms, s = _checked(messages, model, call_fn, ttl, params)
-    io = _Async(_redis(client, sync=False), call_fn)
-    result = await _flow(io, keys, messages, model, ttl_ms, s, _Flight(asyncio.Future(), asyncio.current_task()))
+    io = _Async(_redis(client, sync=False), call_fn, keys, messages, model, ttl_ms, s)
+    result = await _flow(io, _Flight(asyncio.Future(), asyncio.current_task()))
     if not isinstance(result, (_Stored, _Live, _Lead)):
         return result
-    relay = _relay(io, keys, messages, model, ttl_ms, s, result)
+    relay = _relay(io, result)
     await relay.__anext__()  # primed, so that dropping it unread closes it: a lock it holds is released
     return relay
 
@@ -465,18 +465,17 @@ def _needs_arguments(fn: Callable) -> bool:
 
 
 # The flow (coalesce, look up, lead or wait, call, store, release, wake) is written once, as coroutines that do
-# their I/O through `io`: _Blocking for get_or_set, whose coroutines never suspend, so that _now runs the flow
-# to its end in one step; _Async for aget_or_set, on the event loop.
+# their I/O through `io`, which also holds the call's request: _Blocking for get_or_set, whose coroutines never
+# suspend, so that _now runs the flow to its end in one step; _Async for aget_or_set, on the event loop.
 
-async def _flow(io: Any, keys: list[str], messages: list, model: str, ttl_ms: int, s: _Settings,
-                mine: _Flight) -> Any:
+async def _flow(io: Any, mine: _Flight) -> Any:
     # Go's singleflight: one caller per process and request goes to Redis and the model, the others wait for it
-    flight_key, deadline = (id(io.r), io.scope, keys[0]), time.monotonic() + MAX_WAIT
-    if _streaming and _mark(io, keys) in _streaming:  # it leads a stream of this request: don't wait for that
-        return (await _trip(io, keys, messages, model, ttl_ms, s, 0))[0]
+    flight_key, deadline = (id(io.r), io.scope, io.keys[0]), time.monotonic() + MAX_WAIT
+    if _streaming and _mark(io) in _streaming:  # it leads a stream of this request: don't wait for that
+        return (await _trip(io, 0))[0]
     while (flight := _flights.setdefault(flight_key, mine)) is not mine:  # atomic: one dict operation
         if flight.leader == mine.leader:  # call_fn asked for its own request: don't wait for itself
-            return (await _trip(io, keys, messages, model, ttl_ms, s, 0))[0]
+            return (await _trip(io, 0))[0]
         flight.waiting.add(mine)
         try:
             ended = await io.join(flight) or mine in flight.counted  # counted as it gave up: it takes the answer
@@ -484,16 +483,16 @@ async def _flow(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
             if not flight.counted:  # cancelled, or waited MAX_WAIT: it won't be answered, so it is no hit
                 flight.waiting.discard(mine)
         if not ended:  # waited MAX_WAIT, as a Redis waiter would: call the model itself
-            return (await _trip(io, keys, messages, model, ttl_ms, s, 0))[0]
+            return (await _trip(io, 0))[0]
         if flight.error is not None:  # a copy where one can be made, so that each caller has its own traceback
             raise _copied(flight.error).with_traceback(flight.traceback)
         if flight.data is not None:
             if mine not in flight.counted:  # it joined as the leader counted
-                await _count(io, keys, s, 1)
+                await _count(io, 1)
             return _decoded(flight.data)
         # neither answer nor exception (a stream, or a cancelled leader): the next in line leads
     try:
-        result, mine.data = await _trip(io, keys, messages, model, ttl_ms, s, deadline)
+        result, mine.data = await _trip(io, deadline)
     except Exception as e:
         mine.error, mine.traceback = e, e.__traceback__
         raise
@@ -503,7 +502,7 @@ async def _flow(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
         mine.counted = set(mine.waiting)  # (one step: a set is copied holding the GIL)
         mine.end()
     if mine.counted and mine.data is not None:  # the followers were answered from Redis too: hits, in one trip
-        await _count(io, keys, s, len(mine.counted))
+        await _count(io, len(mine.counted))
     return result
 
 
@@ -514,8 +513,7 @@ def _copied(error: Exception) -> Exception:
         return error
 
 
-async def _trip(io: Any, keys: list[str], messages: list, model: str, ttl_ms: int, s: _Settings,
-                deadline: float, waiter: _Waiter | None = None) -> tuple[Any, str | bytes | None]:
+async def _trip(io: Any, deadline: float, waiter: _Waiter | None = None) -> tuple[Any, str | bytes | None]:
     """The answer, and its JSON if it may be shared: from Redis, or from call_fn while holding the lock. A
     streamed answer is _Stored, _Live or _Lead, for _relay."""
     r, token, lost = io.r, secrets.token_hex(8), False
@@ -524,7 +522,7 @@ async def _trip(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
     may_hold = r is not None and _down_until.get(r, 0) <= time.monotonic()
     if may_hold:  # else Redis failed moments ago: don't wait on it again yet
         try:
-            value, data, corrupt = await _lookup(io, keys, token, deadline, s, waiter)
+            value, data, corrupt = await _lookup(io, token, deadline, waiter)
             if _down_until.pop(r, None):
                 log.warning("llm cache: Redis answers again, caching resumed")
             if value is not _MISS:
@@ -535,9 +533,9 @@ async def _trip(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
             # then it renews, stores and releases like any holder (the owner check makes that safe)
             may_hold = lost = isinstance(e, redis.TimeoutError)
         except BaseException:  # cancelled or interrupted, maybe just after the script gave it the lock
-            io.later(_finish(io, keys, token, "", 0, ttl_ms, s, corrupt))
+            io.later(_finish(io, token, "", 0, corrupt))
             raise
-    result, data, stop = None, None, io.renew(keys[1:3], token, s.lock_ms) if may_hold else None
+    result, data, stop = None, None, io.renew(token) if may_hold else None
     try:
         result, data = _json(await io.call(), io.streams)
         if data is None:  # a stream: _relay stores it and releases the lock when it ends
@@ -545,9 +543,9 @@ async def _trip(io: Any, keys: list[str], messages: list, model: str, ttl_ms: in
     finally:  # also when call_fn raised: release the lock at once, so the next caller need not wait
         if stop is not None:
             stop()
-            tokens = _tokens(messages, model, result) if data else 0
+            tokens = _tokens(io.messages, io.model, result) if data else 0
             # after a timeout, the caller doesn't wait for another; another worker's answer stored first wins
-            if (stored := await _store(io, keys, token, data or "", tokens, ttl_ms, s, corrupt, lost)) is not None:
+            if (stored := await _store(io, token, data or "", tokens, corrupt, lost)) is not None:
                 result, data = stored
     return result, data
 
@@ -568,7 +566,7 @@ def _json(result: Any, streams: tuple[type, ...] = (), what: str = "call_fn retu
         raise TypeError(f"{what} a {type(result).__name__}, not JSON or pydantic: {e}") from None
 
 
-async def _lookup(io: Any, keys: list[str], token: str, deadline: float, s: _Settings,
+async def _lookup(io: Any, token: str, deadline: float,
                   waiter: _Waiter | None) -> tuple[Any, str | bytes | None, tuple[bytes, ...]]:
     """The cached value and its JSON; or _MISS once the caller should call the model (holding the lock unless it
     waited until the deadline); or _Live chunks the holder is streaming. Last, a corrupt value found on the way,
@@ -577,7 +575,7 @@ async def _lookup(io: Any, keys: list[str], token: str, deadline: float, s: _Set
     last_corrupt, live = corrupt, None
     try:
         while True:
-            reply = await _script(io, _READ, keys, token, *s, int(time.time() * 1000), 1, *last_corrupt)
+            reply = await _script(io, _READ, io.keys, token, *io.s, int(time.time() * 1000), 1, *last_corrupt)
             last_corrupt = ()
             if not isinstance(reply, int):
                 try:
@@ -589,7 +587,7 @@ async def _lookup(io: Any, keys: list[str], token: str, deadline: float, s: _Set
             if reply == 0 or left <= 0:
                 return _MISS, None, corrupt
             waiter = waiter or _Waiter()  # (made only now: a hit needs none)
-            chunks = await waiter.wait(io, keys[2], min(reply, left * 1000))
+            chunks = await waiter.wait(io, min(reply, left * 1000))
             if chunks:
                 live = _Live(chunks, waiter)
                 return live, None, corrupt
@@ -610,8 +608,9 @@ class _Waiter:
         self.seen = "0-0"  # the last entry read: one a late holder stored, and which expired since, wakes no one
         self.released = False  # whether the last wait read the lock's release
 
-    async def wait(self, io: Any, stream: str, ms: float) -> list[tuple[int, bytes, bytes]]:
+    async def wait(self, io: Any, ms: float) -> list[tuple[int, bytes, bytes]]:
         """The chunks published since the last wait, if any: (index, JSON, the holder's token)."""
+        stream = io.keys[2]
         if self.slots is None:
             owner, pool = _pool(io.r, stream)
             self.slots = _wait_slots.setdefault(owner, threading.BoundedSemaphore(pool.max_connections))
@@ -673,25 +672,25 @@ async def _script(io: Any, script: _Script, keys: list[str], *args: Any) -> Any:
             await io.sleep(0.002)
 
 
-async def _renewal(io: Any, ended: Callable[[float], Awaitable[bool]], keys: list[str], token: str,
-                   lock_ms: int) -> None:
+async def _renewal(io: Any, ended: Callable[[float], Awaitable[bool]], token: str) -> None:
     # python-redis-lock's auto_renewal: the holder's lock outlives any call, and dies with the holder's process.
     # Not a stream's whose caller has held a chunk for MAX_WAIT, though (its waiters have given up by then): the
     # iterator may be unreachable but alive, in a traceback, say
-    while not await ended(lock_ms / 3000) and time.monotonic() - (io.paused or math.inf) < MAX_WAIT:
+    while not await ended(io.s.lock_ms / 3000) and time.monotonic() - (io.paused or math.inf) < MAX_WAIT:
         try:
-            if not await _script(io, _RENEW, keys, token, lock_ms):
+            if not await _script(io, _RENEW, io.keys[1:3], token, io.s.lock_ms):
                 return  # not the holder (any more): the first answer stored wins
         except _ERRORS:
             pass  # Redis is away; if it stays away the lock expires, which costs a duplicate call at most
 
 
-async def _finish(io: Any, keys: list[str], token: str, data: str | bytes, tokens: int, ttl_ms: int, s: _Settings,
+async def _finish(io: Any, token: str, data: str | bytes, tokens: int,
                   corrupt: tuple[bytes, ...]) -> tuple[Any, bytes] | None:
     """Store, release and wake; the answer stored before this one, if there was one."""
     for again in (True, False):
         try:
-            stored = await _script(io, _FINISH, keys, token, data, tokens, ttl_ms, s.lock_ms, s.stats_ms, *corrupt)
+            stored = await _script(io, _FINISH, io.keys, token, data, tokens, io.ttl_ms, io.s.lock_ms,
+                                   io.s.stats_ms, *corrupt)
             return None if stored is None else (_decoded(stored), stored)
         except _ERRORS as e:
             # dropped during the call (a restart, an idle timeout): once more, as a client's own retry would;
@@ -705,22 +704,22 @@ async def _finish(io: Any, keys: list[str], token: str, data: str | bytes, token
     return None  # (not reached: the second try returns)
 
 
-async def _store(io: Any, keys: list[str], token: str, data: str | bytes, tokens: int, ttl_ms: int, s: _Settings,
-                 corrupt: tuple[bytes, ...], later: bool) -> tuple[Any, bytes] | None:
+async def _store(io: Any, token: str, data: str | bytes, tokens: int, corrupt: tuple[bytes, ...],
+                 later: bool) -> tuple[Any, bytes] | None:
     """_finish, which a cancellation can't stop; in the background if later, else the answer stored first, if
     another was."""
-    finishing = _finish(io, keys, token, data, tokens, ttl_ms, s, corrupt)
+    finishing = _finish(io, token, data, tokens, corrupt)
     if later:
         io.later(finishing)
         return None
     return await io.settle(finishing)
 
 
-async def _count(io: Any, keys: list[str], s: _Settings, hits: int) -> None:
+async def _count(io: Any, hits: int) -> None:
     """Counts hits on the entry (statistics, hot window) for callers answered by another caller's trip."""
     if io.r is not None and _down_until.get(io.r, 0) <= time.monotonic():
         try:
-            await _script(io, _READ, keys, "", *s, int(time.time() * 1000), hits)
+            await _script(io, _READ, io.keys, "", *io.s, int(time.time() * 1000), hits)
         except _ERRORS as e:
             _failed(io.r, e)
 
@@ -764,8 +763,7 @@ def _decoded(data: str | bytes) -> Any:
     return stored
 
 
-async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: int, s: _Settings,
-                 got: _Stored | _Live | _Lead) -> AsyncGenerator[Any, None]:
+async def _relay(io: Any, got: _Stored | _Live | _Lead) -> AsyncGenerator[Any, None]:
     """A streamed answer's chunks: replayed from its entry; live as the lock's holder publishes them; or from
     the model while holding the lock: published as they come, and stored, and the lock released, at their end."""
     n, waiter, entry, following = 0, got.waiter if isinstance(got, _Live) else _Waiter(), None, b""
@@ -774,7 +772,7 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
     outbox: Any = None  # the chunks to publish, for a thread or task beside the caller
     try:
         if isinstance(got, _Lead):  # now, so that the caller, asking again before it reads, doesn't wait for itself
-            mark = _leading(io, keys)
+            mark = _leading(io)
         io.paused = time.monotonic()
         yield None  # primed: from here, closing the iterator or dropping it runs the finally block
         io.paused = None
@@ -788,9 +786,8 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
                 n, following = n + 1, holder
                 io.call_fn = _interrupted  # the caller holds chunks of this answer: the model can't finish it
             # the next chunks; after the release, or a wait with none, the entry or the lock tells what happened
-            chunks = [] if waiter.released else await waiter.wait(io, keys[2], s.lock_ms)
-            got = _Live(chunks, waiter) if chunks else \
-                (await _trip(io, keys, messages, model, ttl_ms, s, time.monotonic() + MAX_WAIT, waiter))[0]
+            chunks = [] if waiter.released else await waiter.wait(io, io.s.lock_ms)
+            got = _Live(chunks, waiter) if chunks else (await _trip(io, time.monotonic() + MAX_WAIT, waiter))[0]
         if isinstance(got, _Stored):
             if n and got.token != following:  # another holder's answer, stored first
                 _interrupted()
@@ -799,9 +796,9 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
             return
         if not isinstance(got, _Lead):
             raise TypeError(f"call_fn returned a stream for this request before, and now a {type(got).__name__}")
-        mark = mark or _leading(io, keys)  # (a follower that now leads)
+        mark = mark or _leading(io)  # (a follower that now leads)
         if got.token is not None and _down_until.get(io.r, 0) <= time.monotonic():
-            outbox = io.publisher(keys, got.token, s)  # beside the caller, which gets each chunk at once
+            outbox = io.publisher(got.token)  # beside the caller, which gets each chunk at once
         while (chunk := await io.next(got.source)) is not _MISS:
             value, text = _json(chunk, what="call_fn's stream gave")
             if outbox is not None:
@@ -818,19 +815,18 @@ async def _relay(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
         if mark is not None and (left := _streaming.pop(mark, 1) - 1):  # (it may lead another, asking again)
             _streaming[mark] = left
         if isinstance(got, _Lead):
-            await _ended(io, keys, messages, model, ttl_ms, s, got, entry)
+            await _ended(io, got, entry)
 
 
-async def _ended(io: Any, keys: list[str], messages: list, model: str, ttl_ms: int, s: _Settings, lead: _Lead,
-                 entry: str | None) -> None:
+async def _ended(io: Any, lead: _Lead, entry: str | None) -> None:
     """Stores a stream that ended (entry) and releases the lock; or, if it broke off, releases the lock and
     closes the model's stream. Chunks still being published then are refused: the lock is no longer theirs."""
     if lead.stop is not None:
         lead.stop()
     try:
         if lead.token is not None:  # a store after Redis failed must not cost another timeout
-            tokens = _tokens(messages, model, _decoded(entry)) if entry else 0
-            await _store(io, keys, lead.token, entry or "", tokens, ttl_ms, s, lead.corrupt,
+            tokens = _tokens(io.messages, io.model, _decoded(entry)) if entry else 0
+            await _store(io, lead.token, entry or "", tokens, lead.corrupt,
                          lead.lost or _down_until.get(io.r, 0) > time.monotonic())
     finally:  # (also when a cancellation is delivered again during the store)
         close = getattr(lead.source, "aclose", None) or getattr(lead.source, "close", None)
@@ -838,7 +834,7 @@ async def _ended(io: Any, keys: list[str], messages: list, model: str, ttl_ms: i
             await closing  # the model's stream, stopped early: its connection goes back to its pool
 
 
-async def _publisher(io: Any, outbox: Any, keys: list[str], token: str, s: _Settings) -> None:
+async def _publisher(io: Any, outbox: Any, token: str) -> None:
     """Publishes a leader's chunks, in order, in batches of those waiting, until None: none after the lock was
     lost or Redis failed (then the waiters read the entry)."""
     while True:
@@ -848,7 +844,7 @@ async def _publisher(io: Any, outbox: Any, keys: list[str], token: str, s: _Sett
         last = None in batch
         batch = batch[:batch.index(None)] if last else batch
         try:
-            if batch and not await _script(io, _PUBLISH, keys[1:3], token, s.lock_ms, batch[0][0],
+            if batch and not await _script(io, _PUBLISH, io.keys[1:3], token, io.s.lock_ms, batch[0][0],
                                            *(text for _, text in batch)):
                 return
         except Exception as e:  # beside the caller, nothing may raise: a closed client, say
@@ -859,18 +855,18 @@ async def _publisher(io: Any, outbox: Any, keys: list[str], token: str, s: _Sett
             return
 
 
-def _mark(io: Any, keys: list[str]) -> tuple:
+def _mark(io: Any) -> tuple:
     """The caller, in _streaming: its request, and its thread, or its loop and task (a weak reference: a task
     holds the stream it returns). Through any client: its own lock is in the way on each."""
     if io.scope == "threads":
-        return keys[0], threading.get_ident()
+        return io.keys[0], threading.get_ident()
     task = asyncio.current_task()
-    return keys[0], id(io.scope), task and weakref.ref(task)
+    return io.keys[0], id(io.scope), task and weakref.ref(task)
 
 
-def _leading(io: Any, keys: list[str]) -> tuple:
+def _leading(io: Any) -> tuple:
     """Counts the caller as leading a stream of the request, until _relay's end takes it back; its mark."""
-    mark = _mark(io, keys)
+    mark = _mark(io)
     _streaming[mark] = _streaming.get(mark, 0) + 1
     return mark
 
@@ -904,15 +900,22 @@ class _Chunks:
         _now(self._relay.aclose())
 
 
-class _Blocking:
+class _Io:
+    """One call: its client, call_fn and request, in the units Redis takes; a subclass does the flow's I/O."""
+
+    paused: float | None = None  # since when a stream's caller has held its last chunk
+
+    def __init__(self, r: Any, call_fn: Callable[[], Any], keys: list[str], messages: list, model: str,
+                 ttl_ms: int, s: _Settings) -> None:
+        self.r, self.call_fn, self.keys, self.messages, self.model, self.ttl_ms, self.s = (
+            r, call_fn, keys, messages, model, ttl_ms, s)
+
+
+class _Blocking(_Io):
     """The flow's I/O for get_or_set: blocking sockets, and threads for what runs beside the caller."""
 
     scope = "threads"  # whose callers may share a flight (a client is None for every path when REDIS_URL is bad)
     streams = (Iterator,)  # what call_fn may return as a stream
-    paused: float | None = None  # since when a stream's caller has held its last chunk
-
-    def __init__(self, r: Any, call_fn: Callable[[], Any]) -> None:
-        self.r, self.call_fn = r, call_fn
 
     async def command(self, *args: Any) -> Any:
         return self.r.execute_command(*args, NEVER_DECODE=True)
@@ -933,14 +936,14 @@ class _Blocking:
         flight.ended.release()  # type: ignore[union-attr]
         return True
 
-    def renew(self, keys: list[str], token: str, lock_ms: int) -> Callable[[], None]:
+    def renew(self, token: str) -> Callable[[], None]:
         """Renews the lock, from a thread, until the function returned is called."""
         done = threading.Event()
 
         async def ended(seconds: float) -> bool:
             return done.wait(seconds)
 
-        renewal = _renewal(self, ended, keys, token, lock_ms)
+        renewal = _renewal(self, ended, token)
         if not _start(_now, renewal):  # no thread to be had (at interpreter shutdown, say)
             renewal.close()
         return done.set
@@ -951,10 +954,10 @@ class _Blocking:
     async def next(self, stream: Iterator) -> Any:
         return next(stream, _MISS)
 
-    def publisher(self, keys: list[str], token: str, s: _Settings) -> queue.SimpleQueue | None:
+    def publisher(self, token: str) -> queue.SimpleQueue | None:
         """A queue whose chunks a thread publishes."""
         outbox: queue.SimpleQueue = queue.SimpleQueue()
-        publisher = _publisher(self, outbox, keys, token, s)
+        publisher = _publisher(self, outbox, token)
         if not _start(_now, publisher):  # no thread to be had: then the waiters read the entry
             publisher.close()
             return None
@@ -971,12 +974,14 @@ class _Blocking:
         return await coroutine
 
 
-class _Async:
+class _Async(_Io):
     """The flow's I/O for aget_or_set: redis.asyncio, and tasks for what runs beside the caller."""
 
-    def __init__(self, r: Any, call_fn: Callable[[], Any]) -> None:
-        self.r, self.call_fn, self.scope = r, call_fn, asyncio.get_running_loop()
-        self.streams, self.paused = (Iterator, AsyncIterator), None
+    streams = (Iterator, AsyncIterator)
+
+    def __init__(self, *call: Any) -> None:
+        super().__init__(*call)
+        self.scope = asyncio.get_running_loop()
 
     async def command(self, *args: Any) -> Any:
         return await self.r.execute_command(*args, NEVER_DECODE=True)
@@ -998,7 +1003,7 @@ class _Async:
         except asyncio.TimeoutError:
             return False
 
-    def renew(self, keys: list[str], token: str, lock_ms: int) -> Callable[[], None]:
+    def renew(self, token: str) -> Callable[[], None]:
         """Renews the lock, from a task, until the function returned is called."""
         done = asyncio.Event()
 
@@ -1008,7 +1013,7 @@ class _Async:
             except asyncio.TimeoutError:
                 return False
 
-        self.later(_renewal(self, ended, keys, token, lock_ms))
+        self.later(_renewal(self, ended, token))
         return done.set
 
     async def call(self) -> Any:
@@ -1018,10 +1023,10 @@ class _Async:
     async def next(self, stream: Iterator | AsyncIterator) -> Any:
         return await anext(stream, _MISS) if isinstance(stream, AsyncIterator) else next(stream, _MISS)
 
-    def publisher(self, keys: list[str], token: str, s: _Settings) -> asyncio.Queue:
+    def publisher(self, token: str) -> asyncio.Queue:
         """A queue whose chunks a task publishes."""
         outbox: asyncio.Queue = asyncio.Queue()
-        self.later(_publisher(self, outbox, keys, token, s))
+        self.later(_publisher(self, outbox, token))
         return outbox
 
     async def get(self, outbox: asyncio.Queue) -> Any:

@@ -244,7 +244,7 @@ def ask(request):
 
 def run_script(r, script, keys, *args):
     """One of cache.py's scripts, run on a sync client as the module runs it."""
-    return cache._now(cache._script(cache._Blocking(r, None), script, keys, *args))
+    return cache._now(cache._script(cache._Blocking(r, None, keys, [], "", 0, None), script, keys, *args))
 
 
 def elsewhere(fn):
