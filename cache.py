@@ -2,12 +2,22 @@
 
     out = get_or_set(messages, "gpt-4.1-mini", lambda: client.chat.completions.create(...).model_dump())
     out = await aget_or_set(messages, "gpt-4.1-mini", lambda: aclient.chat.completions.create(...))
-    out = cached(client.chat.completions.create, model="gpt-4.1-mini", messages=messages)  # keyed on it all
+    client = OpenAI(http_client=http_client())  # every SDK call, in the SDK's own types, keyed on the HTTP request
+
+A hit is one HGET. A miss runs one script that looks up or takes the request's lock, calls the model, and runs one
+that stores, releases and wakes the waiters. Beside the callers, one worker (a thread; a task per event loop)
+renews the locks held, publishes streams' chunks and sends the hit counts in batches. get_or_set is plain
+blocking code; aget_or_set is its twin, function for function. Sections: settings, keys and JSON, arguments,
+clients, Lua, the worker, get_or_set, streams, aget_or_set, the HTTP layer, stats.
 """
 from __future__ import annotations
 
 import asyncio
-import copy
+import atexit
+import collections
+import concurrent.futures
+import contextlib
+import contextvars
 import functools
 import hashlib
 import inspect
@@ -15,7 +25,7 @@ import json
 import logging
 import math
 import os
-import queue
+import re
 import reprlib
 import secrets
 import sys
@@ -23,25 +33,28 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, NamedTuple
 
 import redis
 import redis.asyncio
 
 # Durations are seconds, int or float. Every setting is read at call time: cache.HOT_TTL = 3600 applies next call.
-PREFIX = os.environ.get("LLM_CACHE_PREFIX", "llm:v1:")  # bump it ("llm:v2:") to orphan every entry, no flush
+PREFIX = os.environ.get("LLM_CACHE_PREFIX", "llm:v2:")  # bump it ("llm:v3:") to orphan every entry, no flush
 DEFAULT_TTL = 24 * 3600  # an entry's lifetime unless it turns hot
 HOT_THRESHOLD = 10  # hits within HOT_WINDOW that make an entry hot
 HOT_WINDOW = 3600  # older hits don't count toward HOT_THRESHOLD
-HOT_TTL = 6 * 3600  # each hit on a hot entry extends its life to this from now, never shortens it (0: never)
+HOT_TTL = 6 * 3600  # hits on a hot entry extend its life to this from now, never shorten it (0: never)
 LOCK_TTL = 10  # how long a dead holder's lock blocks the others; a live holder renews it every LOCK_TTL / 3
 MAX_WAIT = 900  # how long a waiter waits for a live holder before calling itself (the openai SDK gives up at 600)
-STATS_TTL = 30 * 24 * 3600  # how long a stats shard outlives its last miss or window-opening hit (> HOT_WINDOW)
+STATS_TTL = 30 * 24 * 3600  # how long a stats shard outlives the last count sent to it (> HOT_WINDOW)
 RETRY_AFTER = 5  # how long to leave a failed Redis alone: an outage costs one timeout, not one per call
 REDIS_TIMEOUT = 0.5  # socket timeouts of the client made from REDIS_URL: the most a frozen Redis costs a call
 DEFAULT_ENCODING = "cl100k_base"  # tiktoken's encoding for models it does not know
-TRANSPORT_ONLY = ("timeout", "extra_headers")  # cached()'s keyword arguments that can't change the answer
+# The HTTP layer caches POSTs of JSON to paths ending so (not an Assistants thread's /messages, which creates one)
+GENERATION_PATHS = ("/chat/completions", "/completions", "/embeddings", "/responses", "/messages")
+IGNORED_FIELDS = ("user", "metadata", "store", "safety_identifier", "prompt_cache_key", "service_tier")  # who asks
+VERSION_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta")  # the only request headers in the key
 
 log = logging.getLogger(__name__)
 
@@ -53,98 +66,31 @@ class StreamInterrupted(Exception):
 
 _MISS = object()  # a cached None, "" or [] is a hit
 _ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
+_RS = "\x1e"  # starts a stored stream's entry: JSON text never holds it
+_MAX_SECONDS = (2**63 - 1) // 1000 - 2**32  # Redis refuses expiries past 2**63 - 1 ms after 1970 (2**32 s to spare)
+_MAX_TIMEOUT = int(threading.TIMEOUT_MAX)  # the longest timeout a lock, an event or a socket takes
+# an SSE stream's final event, whole: its lines and the blank line after them (a proxy may cut it short)
+_FINAL = re.compile(r"^(data: ?\[DONE\]|event: ?(message_stop|response\.completed)\r?\n(data:.*\r?\n)+)\r?\n", re.M)
+_ENDING = re.compile(r"^(data: ?\[DONE\]|event: ?(message_delta|message_stop|response\.completed))", re.M)
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 _down_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to try it again
 _warned_until: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> when to warn of its errors again
-_flights: dict[tuple[int, Any, str], _Flight] = {}  # (client, threads or loop, entry) -> its caller leading it
-_wait_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> waiters' connections it may still open
-_loop_clients: dict[asyncio.AbstractEventLoop, dict] = {}  # event loop -> the clients made from REDIS_URL for it
-_tasks: set[asyncio.Task] = set()  # background tasks, held until they end
-_streaming: dict[tuple, int] = {}  # (entry, thread, or loop and task) -> how many streams of it that caller leads
+_gates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> a semaphore as wide as its pool
+_wait_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> waiters' connections it may open
+_tasks: set[asyncio.Task] = set()  # stores that a cancellation can't stop, held until they end
+_flights: dict[tuple, Any] = {}  # (client, threads or loop, entry) -> the future of the caller leading it
+_leading: contextvars.ContextVar[tuple] = contextvars.ContextVar("llm_cache_leading", default=())
+_counting = threading.Lock()  # guards the hit tallies, which threads add to and the worker swaps out
+_starting = threading.Lock()  # so that one thread starts the worker
 _encodings: dict[str, Any] = {}  # tiktoken encoding name -> the encoding, once loaded
 _loads: dict[str, float] = {}  # encoding name -> when its last load failed (inf while one runs)
 _loading = threading.Lock()  # so that one thread starts a load, and one warns
-_MAX_SECONDS = (2**63 - 1) // 1000 - 2**32  # Redis refuses expiries past 2**63 - 1 ms after 1970 (2**32 s to spare)
-_MAX_TIMEOUT = int(threading.TIMEOUT_MAX)  # the longest timeout a lock, an event or a socket takes
-_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode  # built once
 
 
-class _Flight:
-    """One caller's way to an answer, through Redis and maybe the model; the process's other askers (threads, or
-    tasks of its event loop) wait on it."""
+# ---------------------------------------------------------------- keys, JSON and tokens (no I/O: both paths)
 
-    __slots__ = ("ended", "leader", "waiting", "counted", "data", "error", "traceback")
-
-    def __init__(self, ended: threading.Lock | asyncio.Future, leader: object) -> None:
-        self.ended, self.leader = ended, leader  # released, or done, when the leader has its answer or exception
-        self.waiting: set[_Flight] = set()  # its followers; the leader counts those it answers as hits
-        self.counted: set[_Flight] | frozenset = frozenset()  # the followers it counted, once it has its answer
-        self.data: str | bytes | None = None  # the answer's JSON, if it may be shared
-        self.error: Exception | None = None
-        self.traceback: types.TracebackType | None = None
-
-    def end(self) -> None:
-        if isinstance(self.ended, asyncio.Future):
-            self.ended.set_result(None)
-        else:
-            self.ended.release()
-
-
-def _forget_flights() -> None:  # a forked child inherits the flights and loads, but not the threads that end them
-    global _loading
-    _loading = threading.Lock()
-    registry: Any = sys.modules.get("tiktoken.registry")
-    if registry is not None and math.inf in _loads.values():  # the parent's loading thread holds tiktoken's lock
-        registry._lock = threading.RLock()
-    _flights.clear()
-    _streaming.clear()
-    _wait_slots.clear()
-    _loads.clear()
-    _loop_clients.clear()  # the parent's loops and their connections are the parent's
-
-
-os.register_at_fork(after_in_child=_forget_flights)
-
-
-class _Settings(NamedTuple):  # in the units Redis takes, in the order _READ takes them
-    lock_ms: int
-    hot_threshold: int
-    hot_ms: int
-    window_ms: int
-    stats_ms: int
-
-
-@functools.lru_cache(maxsize=16, typed=True)  # checked once per combination: a hit stays cheap
-def _settings(lock_ttl: Any, hot_threshold: Any, hot_ttl: Any, hot_window: Any, stats_ttl: Any, max_wait: Any,
-              retry_after: Any) -> _Settings:
-    if isinstance(hot_threshold, bool) or not isinstance(hot_threshold, int):
-        raise TypeError(f"HOT_THRESHOLD must be a whole number of hits, got {type(hot_threshold).__name__}")
-    if hot_threshold < 1:
-        raise ValueError(f"HOT_THRESHOLD must be at least 1, got {hot_threshold}")
-    _ms("MAX_WAIT", max_wait, least=0, most=_MAX_TIMEOUT)
-    _ms("RETRY_AFTER", retry_after, least=0)
-    # the renewals, every LOCK_TTL / 3, must outpace a busy machine: under 0.1 s they lost the lock in tests
-    s = _Settings(_ms("LOCK_TTL", lock_ttl, least=0.1, most=_MAX_TIMEOUT), int(hot_threshold),
-                  _ms("HOT_TTL", hot_ttl, least=0), _ms("HOT_WINDOW", hot_window), _ms("STATS_TTL", stats_ttl))
-    if s.stats_ms <= s.window_ms:  # a shard's TTL is refreshed once a window
-        raise ValueError(f"STATS_TTL must be longer than HOT_WINDOW, got {stats_ttl} and {hot_window}")
-    return s
-
-
-def _ms(name: str, seconds: Any, least: float = 0.001, most: float = _MAX_SECONDS) -> int:
-    """seconds in the whole milliseconds Redis takes, or the error that says why they can't be."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(seconds).__name__}")
-    if not least <= seconds <= most:  # also refuses nan
-        raise ValueError(f"{name} must be from {least} to {most} seconds, got {seconds}")
-    return math.ceil(seconds * 1000)
-
-
-def _tag(hex2: str) -> str:
-    # the hash tag that puts an entry, its lock, its stream and its stats shard in one Cluster slot
-    return f"{PREFIX}{{{hex2}}}"
-
-
-def _keys(messages: Any, model: Any, params: Any) -> list[str]:
+def _keys(messages: Any, model: Any, params: Any, shape: Any = None) -> list[str]:
+    """The request's entry, lock, wake-up stream and stats shard, all in one Cluster slot (one hash tag)."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise TypeError(f"messages must be a list of dicts, got {reprlib.repr(messages)}")
     if not isinstance(model, str):
@@ -153,39 +99,145 @@ def _keys(messages: Any, model: Any, params: Any) -> list[str]:
         raise ValueError("model must be a non-empty str, got ''")
     if params is not None and not isinstance(params, dict):
         raise TypeError(f"params must be a dict or None, got {type(params).__name__}")
-    try:
-        blob = _canonical([model, messages, params or {}])
+    if shape is not None and not hasattr(shape, "model_json_schema"):
+        raise TypeError(f"response_model must be a pydantic model class, got {reprlib.repr(shape)}")
+    try:  # the schema is in the key: a model that gains a field makes new entries, not old shapes
+        blob = _canonical([model, messages, params or {}] + ([_schema(shape)] if shape else []))
     except (TypeError, ValueError) as e:
         raise TypeError(f"messages and params must be JSON-serializable: {e}") from None
     except RecursionError:
         raise ValueError("messages and params nest too deeply to be serialized") from None
+    return _digest(blob)
+
+
+@functools.lru_cache(maxsize=256)  # model_json_schema costs more than a hit
+def _schema(shape: Any) -> dict:
+    return shape.model_json_schema()
+
+
+def _digest(blob: str) -> list[str]:
     digest = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
-    tag = _tag(digest[:2])
+    tag = f"{PREFIX}{{{digest[:2]}}}"  # entries spread over 256 tags, so over every node of a Cluster
     return [tag + digest, tag + digest + ":lock", tag + digest + ":stored", tag + "stats"]
 
 
-def _tokens(messages: list, model: str, value: Any) -> int:
-    """What producing an answer cost: its usage.total_tokens, else tiktoken's count of prompt and answer."""
+def _json(result: Any, what: str = "call_fn returned") -> tuple[Any, str]:
+    """The answer as JSON gives it back, and that JSON."""
+    if inspect.iscoroutine(result):  # a lambda around an async call, given to get_or_set
+        result.close()
+        raise TypeError(f"{what} a coroutine: await aget_or_set for an async call")
+    if hasattr(result, "model_dump"):  # pydantic, such as the openai SDK's ChatCompletion
+        result = result.model_dump(mode="json")
     try:
-        if isinstance(value, _Stored):  # a stream's chunks: the last one's usage, else their deltas' text
-            last = value[-1] if value and isinstance(value[-1], dict) else {}
-            text = "".join(chunk for chunk in value if isinstance(chunk, str)) + "".join(
-                (choice.get("delta") or {}).get("content") or "" for chunk in value if isinstance(chunk, dict)
-                for choice in chunk.get("choices") or [])
-            value = {"usage": last.get("usage"), "choices": [{"message": {"content": text}}]}
-        usage = value.get("usage") if isinstance(value, dict) else None
-        if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
-            return usage["total_tokens"]
-        if isinstance(value, dict) and "choices" in value:  # a chat completion: count its messages' text
-            value = [(choice.get("message") or {}).get("content") for choice in value["choices"]]
-        texts = [m.get("content") for m in messages] + (value if isinstance(value, list) else [value])
+        data = json.dumps(result, separators=(",", ":"), allow_nan=False)
+        return json.loads(data), data  # exactly what a later hit returns
+    except (TypeError, ValueError, RecursionError) as e:
+        raise TypeError(f"{what} a {type(result).__name__}, not JSON or pydantic: {e}") from None
+
+
+def _entry(result: Any) -> tuple[Any, bytes]:
+    """An answer as a hit gives it back, and its entry's bytes."""
+    if isinstance(result, _Http):
+        return result, result.entry()
+    value, text = _json(result)
+    return value, text.encode()
+
+
+class _Http(NamedTuple):
+    """An HTTP answer as stored: its status, content-type and body, and no other header."""
+
+    status: int
+    type: str
+    body: bytes
+
+    def entry(self) -> bytes:
+        return b"\x1f%d %s\n" % (self.status, self.type.encode()) + self.body  # US: JSON text never holds it
+
+
+class _Stored(list):
+    """A streamed answer's chunks, as stored: RS, the token of the holder that streamed it, the JSON list."""
+
+    token = b""
+
+
+def _decoded(data: bytes) -> Any:
+    """An entry's answer; a stream's as _Stored, an HTTP answer's as _Http. ValueError if the entry is corrupt."""
+    if data[:1] == b"\x1f":
+        head, _, body = data[1:].partition(b"\n")
+        status, _, kind = head.decode().partition(" ")
+        return _Http(int(status), kind, body)
+    if data[:1] != b"\x1e":
+        return json.loads(data)
+    chunks = json.loads(data[17:])  # after RS and the 16 hex digits of the token
+    if not isinstance(chunks, list):
+        raise ValueError("a stream's entry holds no list of chunks")
+    stored = _Stored(chunks)
+    stored.token = data[1:17]
+    return stored
+
+
+def _complete(chunks: list, sse: bool = False) -> bool:
+    """Whether a stream ended with its last event, so that it may be stored: OpenAI chat chunks carry a
+    finish_reason, Anthropic's events a message_stop, the Responses API's a response.completed; an HTTP stream (sse)
+    ends with one of those events, or data: [DONE]. A proxy that gives up can end a stream cleanly without them.
+    Any other stream is complete when it is exhausted."""
+    if sse:
+        return _FINAL.search("".join(chunks)) is not None
+    dicts = [chunk for chunk in chunks if isinstance(chunk, dict)]
+    if any(chunk.get("object") == "chat.completion.chunk" for chunk in dicts):
+        return any(choice.get("finish_reason") for chunk in dicts for choice in chunk.get("choices") or [])
+    kinds = {str(chunk.get("type")) for chunk in dicts}
+    if "message_start" in kinds:
+        return "message_stop" in kinds
+    if any(kind.startswith("response.") for kind in kinds):
+        return "response.completed" in kinds
+    return True
+
+
+def _events(chunks: list[str]) -> list:
+    """The JSON events of an HTTP stream's text (SSE)."""
+    events = []
+    text = "".join(chunks).encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # characters split by chunks
+    for line in text.splitlines():
+        try:
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+        except ValueError:  # data: [DONE]
+            pass
+    return events
+
+
+def _tokens(messages: list, model: str, value: Any) -> int:
+    """What producing an answer cost: its usage (a stream's, merged over its chunks), else tiktoken's count of
+    the prompt and the answer's text."""
+    try:
+        value = json.loads(value.body) if isinstance(value, _Http) else value
+        chunks = value if isinstance(value, list) else [value]
+        usage: dict = {}
+        for chunk in chunks:
+            if isinstance(chunk, dict):  # OpenAI's usage; Anthropic's (message_start, message_delta); Responses'
+                for found in (chunk.get("usage"), (chunk.get("message") or {}).get("usage"),
+                              (chunk.get("response") or {}).get("usage")):
+                    usage.update(found if isinstance(found, dict) else {})
+        total = usage.get("total_tokens") or sum(usage.get(name) or 0 for name in (
+            "prompt_tokens", "completion_tokens", "input_tokens", "output_tokens"))
+        if isinstance(total, int) and total > 0:
+            return total
         encoding = _encoding(model)
-        if encoding is None:
-            return 0
-        return sum(len(encoding.encode(t, disallowed_special=())) for t in texts if isinstance(t, str))
+        texts = [m.get("content") for m in messages] + [_text(chunk) for chunk in chunks]
+        return 0 if encoding is None else sum(len(encoding.encode(t, disallowed_special=())) for t in texts
+                                              if isinstance(t, str))
     except Exception as e:  # statistics must never fail a call
         log.warning("llm cache: counting 0 tokens for an answer of %r: %s: %.200s", model, type(e).__name__, e)
         return 0
+
+
+def _text(answer: Any) -> str:
+    """An answer's text: a chat completion's messages, a stream chunk's deltas, or the answer, if a string."""
+    if not isinstance(answer, dict):
+        return answer if isinstance(answer, str) else ""
+    parts = [choice.get("message") or choice.get("delta") or {} for choice in answer.get("choices") or []]
+    return "".join(part.get("content") or "" for part in parts)
 
 
 def _encoding(model: str) -> Any:
@@ -220,6 +272,92 @@ def _load(name: str) -> None:
         _loads[name] = time.monotonic()
 
 
+def _start(target: Callable, *args: Any) -> threading.Thread | None:
+    try:
+        thread = threading.Thread(target=target, args=args, daemon=True, name="llm-cache")
+        thread.start()
+        return thread
+    except RuntimeError:  # no thread to be had (at interpreter shutdown, say)
+        return None
+
+
+# ---------------------------------------------------------------- arguments and settings (both paths)
+
+class _Settings(NamedTuple):  # in the milliseconds Redis takes
+    ttl_ms: int
+    lock_ms: int
+    hot_threshold: int
+    hot_ms: int
+    window_ms: int
+    stats_ms: int
+
+
+@functools.lru_cache(maxsize=64, typed=True)  # checked once per combination: a hit stays cheap
+def _settings(ttl: Any, default_ttl: Any, lock_ttl: Any, hot_threshold: Any, hot_ttl: Any, hot_window: Any,
+              stats_ttl: Any, max_wait: Any, retry_after: Any) -> _Settings:
+    if isinstance(hot_threshold, bool) or not isinstance(hot_threshold, int):
+        raise TypeError(f"HOT_THRESHOLD must be a whole number of hits, got {type(hot_threshold).__name__}")
+    if hot_threshold < 1:
+        raise ValueError(f"HOT_THRESHOLD must be at least 1, got {hot_threshold}")
+    _ms("MAX_WAIT", max_wait, least=0, most=_MAX_TIMEOUT)
+    _ms("RETRY_AFTER", retry_after, least=0)
+    # the renewals, every LOCK_TTL / 3, must outpace a busy machine: under 0.1 s they lost the lock in tests
+    s = _Settings(_ms("DEFAULT_TTL", default_ttl) if ttl is None else _ms("ttl", ttl),
+                  _ms("LOCK_TTL", lock_ttl, least=0.1, most=_MAX_TIMEOUT), int(hot_threshold),
+                  _ms("HOT_TTL", hot_ttl, least=0), _ms("HOT_WINDOW", hot_window), _ms("STATS_TTL", stats_ttl))
+    if s.stats_ms <= s.window_ms:  # a shard must outlive the window its hits were counted in
+        raise ValueError(f"STATS_TTL must be longer than HOT_WINDOW, got {stats_ttl} and {hot_window}")
+    return s
+
+
+def _ms(name: str, seconds: Any, least: float = 0.001, most: float = _MAX_SECONDS) -> int:
+    """seconds in the whole milliseconds Redis takes, or the error that says why they can't be."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(seconds).__name__}")
+    if not least <= seconds <= most:  # also refuses nan
+        raise ValueError(f"{name} must be from {least} to {most} seconds, got {seconds}")
+    return math.ceil(seconds * 1000)
+
+
+def _needs_arguments(fn: Callable) -> bool:
+    # read off a function's or method's code: inspect.signature costs 10-300 µs, more than a hit. Other callables
+    # (a partial, a builtin, an object) tell at the call, and so does a decorator's (*args, **kwargs), which may
+    # supply what the function it wraps needs
+    func: Any = fn.__func__ if isinstance(fn, types.MethodType) else fn
+    code, given = getattr(func, "__code__", None), func is not fn  # a method's first argument is given
+    if not isinstance(code, types.CodeType):
+        return False
+    return (code.co_argcount - len(getattr(func, "__defaults__", None) or ()) > given
+            or code.co_kwonlyargcount > len(getattr(func, "__kwdefaults__", None) or {}))
+
+
+class _Req:
+    """One call: its client, keys, call_fn, request and settings; and, once it holds the request's lock, what
+    its holder needs: the token, when to renew, and a stream's chunks for the worker to publish."""
+
+    __slots__ = ("r", "keys", "call_fn", "messages", "model", "s", "chores", "token", "corrupt", "held", "leading",
+                 "renew_at", "paused", "texts", "sent", "max_age", "sse", "outcome", "shape")
+    paused: float | None  # since when a stream's caller has held its last chunk
+    texts: list[str]  # a stream's chunks, as JSON, for the worker to publish
+
+    def __init__(self, r: Any, keys: list[str], call_fn: Any, ttl: Any, chores: _Chores, messages: list,
+                 model: str) -> None:
+        if not callable(call_fn) or _needs_arguments(call_fn):
+            name = getattr(call_fn, "__qualname__", type(call_fn).__name__)
+            raise TypeError(f"call_fn must be a callable taking no arguments, got {name}")
+        self.s = _settings(ttl, DEFAULT_TTL, LOCK_TTL, HOT_THRESHOLD, HOT_TTL, HOT_WINDOW, STATS_TTL, MAX_WAIT,
+                           RETRY_AFTER)
+        self.r, self.keys, self.call_fn, self.chores = r, keys, call_fn, chores
+        self.messages, self.model = messages, model  # for tiktoken, when an answer carries no usage
+        self.token, self.corrupt, self.held, self.leading = "", b"", False, False
+        self.renew_at, self.paused, self.texts, self.sent = 0.0, None, [], 0  # (a holder's)
+        self.max_age: int | None = None  # ms an entry may have been stored, for HTTP's Cache-Control
+        self.sse, self.outcome = False, "hit"  # an HTTP stream's; what the answer came from: hit, miss or bypass
+        self.shape: Any = None  # the pydantic model the caller wants the answer as
+
+
+# ---------------------------------------------------------------- clients and the breaker (both paths)
+
 def _redis(client: Any, sync: bool = True) -> Any:
     """The client to use; None if REDIS_URL names no Redis, which the calls treat as a Redis that is down."""
     if client is not None:
@@ -230,13 +368,10 @@ def _redis(client: Any, sync: bool = True) -> Any:
     url, timeout = os.environ.get("REDIS_URL", "redis://localhost:6379/0"), REDIS_TIMEOUT
     if sync:
         return _from_url(url, timeout)
-    loop = asyncio.get_running_loop()  # an asyncio client serves one loop only
-    for closed in [old for old in list(_loop_clients) if old.is_closed()]:  # they would hold their loop alive
-        _loop_clients.pop(closed, None)
-    made, key = _loop_clients.setdefault(loop, {}), (url, timeout, type(timeout))
-    if key not in made:
-        made[key] = _client(url, timeout, sync)
-    return made[key]
+    made = _chores(sync=False).clients  # an asyncio client serves one event loop only
+    if (url, timeout, type(timeout)) not in made:
+        made[url, timeout, type(timeout)] = _client(url, timeout, sync)
+    return made[url, timeout, type(timeout)]
 
 
 @functools.cache  # isinstance with the pipeline classes costs 2 µs a call
@@ -265,9 +400,13 @@ def _client(url: str, timeout: Any, sync: bool = True) -> Any:
 _from_url = functools.lru_cache(maxsize=16, typed=True)(_client)  # one sync client, or one error, per URL and timeout
 
 
+def _up(r: Any) -> bool:
+    return r is not None and _down_until.get(r, 0) <= time.monotonic()
+
+
 def _failed(r: Any, error: Exception) -> None:
     now = time.monotonic()
-    if isinstance(error, redis.ResponseError) or _exhausted(error):  # Redis is up (out of memory, say): not skipped
+    if isinstance(error, redis.ResponseError) or _busy(error):  # Redis is up (out of memory, say): not skipped
         if _warned_until.get(r, 0) < now:  # one warning per RETRY_AFTER, not one per call
             log.warning("llm cache: Redis refused (%s: %s); this call is not cached", type(error).__name__, error)
             _warned_until[r] = now + RETRY_AFTER
@@ -278,372 +417,772 @@ def _failed(r: Any, error: Exception) -> None:
     _down_until[r] = now + RETRY_AFTER
 
 
-def _exhausted(error: Exception) -> bool:
-    # a bounded pool with no connection free: this process is busy, Redis is fine (redis-py 5.0 raises a plain
-    # ConnectionError, later ones MaxConnectionsError; BlockingConnectionPool's comes after its own timeout)
-    return isinstance(error, redis.ConnectionError) and (type(error).__name__ == "MaxConnectionsError" or str(
-        error) in ("Too many connections", "No connection available."))
+def _busy(error: Exception) -> bool:
+    # Redis is fine, but has no connection for us now: our pool is exhausted, or the server is at maxclients
+    # (redis-py 5.0 raises plain ConnectionErrors for both, BlockingConnectionPool's after its own timeout)
+    return isinstance(error, redis.ConnectionError) and (
+        type(error).__name__ in ("MaxConnectionsError", "MaxClientsReachedError")
+        or str(error) in ("Too many connections", "No connection available.", "max number of clients reached"))
 
+
+def _gate(r: Any) -> Any:
+    """A semaphore as wide as an asyncio client's pool, so that tasks queue for a connection rather than exhaust the
+    pool and flood the loop polling it; a Cluster's nodes have pools of their own, and no gate."""
+    gate = _gates.get(r)
+    if gate is None:
+        pool = getattr(r, "connection_pool", None)
+        gate = _gates[r] = asyncio.Semaphore(pool.max_connections) if pool is not None else contextlib.nullcontext()
+    return gate
+
+
+# ---------------------------------------------------------------- Lua scripts
 
 class _Script:
     """A Lua script and the SHA-1 that EVALSHA names it by."""
 
-    def __init__(self, source: bytes) -> None:
-        self.source, self.sha = source, hashlib.sha1(source).hexdigest()
+    def __init__(self, source: str) -> None:
+        self.source, self.sha = source, hashlib.sha1(source.encode()).hexdigest()
 
 
 # KEYS: 1 entry hash {v = JSON, t = tokens it cost, w = when its hot window opened, n = its hits in it}, 2 its
-# lock, 3 the stream its waiters block on, 4 its stats shard.  ARGV: 1 lock token ('' to count hits only), 2-6
-# the _Settings, 7 the caller's clock in ms, 8 the hits to count (callers of one process that shared a trip),
-# 9 (only after a read that found a corrupt value) that value.
-# Returns the value on a hit (counted), 0 if the caller now holds the lock (or counts only), else the lock's ms
-# to live.
-_READ = _Script(b"""
-local e = redis.pcall('HMGET', KEYS[1], 'v', 't', 'w')
-if ARGV[9] then  -- the caller's last read was no hit (its tokens are taken back below, unless replaced meanwhile)
-  redis.pcall('HINCRBY', KEYS[4], 'hits', -1)
-  if not e.err and e[1] == ARGV[9] then  -- still that value: a miss (never a newer one)
-    redis.pcall('HINCRBY', KEYS[4], 'tokens_saved', -(tonumber(e[2]) or 0))
-    e = {}
-  end
+# lock, 3 the stream its waiters block on.  ARGV: 1 the caller's token, 2 LOCK_TTL ms, 3 a corrupt value the
+# caller found ('' if none).  Returns the value if one was stored meanwhile, 0 if the caller now holds the lock,
+# else the lock's ms to live.
+_LOCK = _Script("""
+local v = redis.pcall('HGET', KEYS[1], 'v')
+if type(v) == 'string' and v ~= ARGV[3] then return v end
+-- the GET lets a client's retry of this very call keep the lock it took
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[2]) == ARGV[1] then
+  -- an earlier holder's chunks go; emptied, not deleted, so that the next entry's ID follows the last one's
+  if redis.call('TYPE', KEYS[3]).ok == 'stream' then redis.call('XTRIM', KEYS[3], 'MAXLEN', 0)
+  else redis.call('DEL', KEYS[3]) end
+  return 0
 end
-if e.err or not e[1] then  -- missing, or a key of another type that _FINISH overwrites
-  if ARGV[1] == '' then return 0 end
-  -- the GET lets a client's retry of this very call keep the lock it took
-  if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[2]) == ARGV[1] then
-    -- emptied, not deleted: the next entry's ID then follows the last one's (a key of another type goes)
-    if redis.call('TYPE', KEYS[3]).ok == 'stream' then redis.call('XTRIM', KEYS[3], 'MAXLEN', 0)
-    else redis.call('DEL', KEYS[3]) end
-    return 0
-  end
-  return math.max(redis.call('PTTL', KEYS[2]), 1)
-end
--- hot: HOT_THRESHOLD hits in one HOT_WINDOW, a window that opens at a hit, by the callers' clocks (TIME would
--- need an ACL category of its own).  pcall: a Redis out of memory (noeviction) refuses the bookkeeping, but still
--- serves the hit
-local n = tonumber(ARGV[8])
-local hits, age = n, tonumber(ARGV[7]) - (tonumber(e[3]) or 0)
-if age >= 0 and age < tonumber(ARGV[5]) then  -- (a window a clock ahead of this one opened is no window)
-  hits = tonumber(redis.pcall('HINCRBY', KEYS[1], 'n', n)) or 0
-else
-  redis.pcall('HSET', KEYS[1], 'w', ARGV[7], 'n', n)
-end
--- slide by whole seconds (or a hundredth of HOT_TTL, if less), as EXPIRE would: a write a second, not a hit
-local hot_ms = tonumber(ARGV[4])
-if hits >= tonumber(ARGV[3]) and redis.call('PTTL', KEYS[1]) < hot_ms - math.min(1000, hot_ms / 100) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])  -- the string: Lua would write a big number as 1e+17
-end
-redis.pcall('HINCRBY', KEYS[4], 'hits', n)
-redis.pcall('HINCRBY', KEYS[4], 'tokens_saved', (tonumber(e[2]) or 0) * n)
-if hits == n then  -- a new window: the shard's TTL needs refreshing only once a HOT_WINDOW, and STATS_TTL is longer
-  redis.pcall('PEXPIRE', KEYS[4], ARGV[6])
-end
-return e[1]
+return math.max(redis.call('PTTL', KEYS[2]), 1)
 """)
-# KEYS: 1 a lock, 2 its stream.  ARGV: 1 the holder's token, 2 LOCK_TTL ms.  Returns 1 if the lock was still the
-# holder's; then the chunks it published live as long as the lock.
-_RENEW = _Script(b"""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-""")
-# KEYS: 1 a lock, 2 its stream.  ARGV: 1 the holder's token, 2 LOCK_TTL ms, 3 the first chunk's index, 4... the
-# chunks' JSON.  Publishes chunks of a streamed answer to the waiters, with their holder's token, if the lock is
-# still the holder's; returns 1 if so.
-_PUBLISH = _Script(b"""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-for i = 4, #ARGV do
-  redis.call('XADD', KEYS[2], '*', 'i', tostring(tonumber(ARGV[3]) + i - 4), 'c', ARGV[i], 'o', ARGV[1])
-end
-return redis.call('PEXPIRE', KEYS[2], ARGV[2])
-""")
-# KEYS as _READ.  ARGV: 1 lock token, 2 JSON value ('' stores nothing), 3 its tokens, 4 ttl ms, 5 LOCK_TTL ms,
-# 6 STATS_TTL ms, 7 (optional) the corrupt value the caller found.  The first answer stored wins: the value is
-# stored only over no entry, another type or that corrupt value, else the stored one is returned.  Releases the
-# lock if the caller still owns it, and wakes the waiters if either happened (trimming a stream's chunks).
-_FINISH = _Script(b"""
-local stored, wake = nil, false
-if ARGV[2] ~= '' then
-  stored = redis.pcall('HGET', KEYS[1], 'v')
-  if type(stored) ~= 'string' or stored == ARGV[7] then
-    redis.call('DEL', KEYS[1])
-    redis.call('HSET', KEYS[1], 'v', ARGV[2], 't', ARGV[3])
-    redis.call('PEXPIRE', KEYS[1], ARGV[4])
-    redis.call('HINCRBY', KEYS[4], 'misses', 1)
-    redis.call('PEXPIRE', KEYS[4], ARGV[6])
-    stored, wake = nil, true
-  end
+# KEYS as _LOCK, 4 the stats shard.  ARGV: 1 token, 2 JSON ('' stores nothing), 3 its tokens, 4 ttl ms, 5 LOCK_TTL
+# ms, 6 STATS_TTL ms, 7 a value the caller may replace ('' if none), 8 the caller's clock in ms.  The first answer
+# stored wins: the value is stored over no entry, another type or that value only. Releases the lock if it is still
+# the caller's, and wakes the waiters if either happened (trimming a stream's chunks). Returns the answer stored
+# before, if any.
+_FINISH = _Script("""
+local stored, wake = redis.pcall('HGET', KEYS[1], 'v'), false
+if ARGV[2] ~= '' and (type(stored) ~= 'string' or stored == ARGV[7]) then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'v', ARGV[2], 't', ARGV[3], 's', ARGV[8])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('HINCRBY', KEYS[4], 'misses', 1)
+  redis.call('PEXPIRE', KEYS[4], ARGV[6])
+  stored, wake = false, true
 end
 if redis.call('GET', KEYS[2]) == ARGV[1] then wake = redis.call('DEL', KEYS[2]) end
 if wake then
   redis.call('XADD', KEYS[3], 'MAXLEN', '1', '*', 'stored', '1')
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
-return stored
+if ARGV[2] ~= '' and type(stored) == 'string' then return stored end
 """)
+# KEYS: 1 a lock, 2 its stream.  ARGV: 1 the holder's token, 2 LOCK_TTL ms.  Returns 1 if the lock was still the
+# holder's; then the chunks it published live as long as the lock.
+_RENEW = _Script("""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+""")
+# KEYS: 1 a lock, 2 its stream.  ARGV: 1 the holder's token, 2 LOCK_TTL ms, 3 the first chunk's index, 4... the
+# chunks' JSON.  Publishes chunks of a streamed answer, with their holder's token, if the lock is still the
+# holder's; returns 1 if so.
+_PUBLISH = _Script("""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+for i = 4, #ARGV do
+  redis.call('XADD', KEYS[2], '*', 'i', tostring(tonumber(ARGV[3]) + i - 4), 'c', ARGV[i], 'o', ARGV[1])
+end
+return redis.call('PEXPIRE', KEYS[2], ARGV[2])
+""")
+# KEYS: 1 a stats shard, 2... entries of its hash tag.  ARGV: 1 the sender's clock in ms, 2 HOT_WINDOW ms,
+# 3 HOT_THRESHOLD, 4 HOT_TTL ms, 5 STATS_TTL ms, 6... each entry's hits since the last flush.  Counts the hits
+# and the tokens they saved, and applies each entry's hot window (by the senders' clocks: TIME would need an ACL
+# category of its own; a window a clock ahead opened is no window). An entry that expired meanwhile stays gone.
+# pcall: a Redis out of memory (noeviction) refuses the bookkeeping, not the flush.
+_FLUSH = """
+local now, hits, saved = tonumber(ARGV[1]), 0, 0
+for i = 2, #KEYS do
+  local n, e = tonumber(ARGV[i + 4]), redis.pcall('HMGET', KEYS[i], 't', 'w')
+  hits = hits + n
+  if not e.err and e[1] then
+    saved = saved + (tonumber(e[1]) or 0) * n
+    local age, count = now - (tonumber(e[2]) or 0), n
+    if age >= 0 and age < tonumber(ARGV[2]) then count = tonumber(redis.pcall('HINCRBY', KEYS[i], 'n', n)) or 0
+    else redis.pcall('HSET', KEYS[i], 'w', ARGV[1], 'n', n) end
+    if count >= tonumber(ARGV[3]) and redis.call('PTTL', KEYS[i]) < tonumber(ARGV[4]) then
+      redis.call('PEXPIRE', KEYS[i], ARGV[4])  -- the string: Lua would write a big number as 1e+17
+    end
+  end
+end
+redis.pcall('HINCRBY', KEYS[1], 'hits', hits)
+redis.pcall('HINCRBY', KEYS[1], 'tokens_saved', saved)
+redis.pcall('PEXPIRE', KEYS[1], ARGV[5])
+"""
 
+
+# ---------------------------------------------------------------- the worker beside the callers
+
+class _Chores:
+    """What runs beside the callers, for the sync clients or for one event loop's: the chunks of streams to
+    publish, as they come; the renewals of the locks held, every LOCK_TTL / 3; the hit counts, once a second."""
+
+    def __init__(self, sync: bool) -> None:
+        self.sync = sync
+        self.worker: Any = None  # the thread, or the loop's task, that does them
+        self.jobs: collections.deque = collections.deque()  # (function, *arguments), in order
+        self.holds: dict[_Req, None] = {}  # the locks held by callers of this process
+        self.counts: dict[Any, dict[str, int]] = {}  # client -> entry -> hits not yet sent
+        self.flushed = self.wakes_at = time.monotonic()  # when it last sent the counts; when it wakes up next
+        self.clients: dict = {}  # an event loop's clients made from REDIS_URL
+        self.lock: Any = threading.Lock() if sync else asyncio.Lock()  # stats() and the exit run them too
+        self.wake: Any = threading.Event() if sync else asyncio.Event()
+
+    def poke(self, *job: Any, due: float = 0) -> None:
+        """Starts the worker if it is not running, and wakes it up for a job, or for a renewal due before it wakes:
+        waking a thread while the caller waits on a socket costs the caller the time it takes the GIL back."""
+        if job:
+            self.jobs.append(job)
+        with _starting:  # one worker, however many threads poke at once
+            if self.worker is None or not (self.worker.is_alive() if self.sync else not self.worker.done()):
+                self.worker = _start(_work, self) if self.sync else asyncio.ensure_future(_awork(self))
+        if due < self.wakes_at:
+            self.wake.set()
+
+    def nap(self) -> float:
+        """Seconds until the next renewal or flush is due."""
+        self.wakes_at = min([self.flushed + 1, *(req.renew_at for req in list(self.holds))])
+        return max(0.0, self.wakes_at - time.monotonic())
+
+    def due(self) -> list[_Req]:  # (list() copies in one step: callers' threads add and remove holds meanwhile)
+        return [req for req in list(self.holds) if req.renew_at <= time.monotonic()]
+
+
+_SYNC = _Chores(sync=True)
+_loop_chores: dict[asyncio.AbstractEventLoop, _Chores] = {}
+
+
+def _chores(sync: bool) -> _Chores:
+    """The sync clients' chores, or the running event loop's."""
+    if sync:
+        return _SYNC
+    loop = asyncio.get_running_loop()
+    chores = _loop_chores.get(loop)
+    if chores is None:
+        for closed in [old for old in _loop_chores if old.is_closed()]:  # they would hold their loop alive
+            del _loop_chores[closed]
+        chores = _loop_chores[loop] = _Chores(sync=False)
+    return chores
+
+
+def _count(req: _Req, hits: int = 1) -> None:
+    """Counts hits on the entry, to be sent with the next flush."""
+    with _counting:
+        tally = req.chores.counts.setdefault(req.r, {})
+        tally[req.keys[0]] = tally.get(req.keys[0], 0) + hits
+    worker = req.chores.worker  # (a thread runs for good; a loop's task ends when it has nothing left to do)
+    if worker is None or not req.chores.sync and worker.done():
+        req.chores.poke()
+
+
+def _hold(req: _Req) -> None:
+    req.held, req.renew_at = True, time.monotonic() + req.s.lock_ms / 3000
+    req.chores.holds[req] = None
+    req.chores.poke(due=req.renew_at)
+
+
+def _batches(counts: dict[str, int]) -> list[tuple[list[str], list]]:
+    """The flush of one client's hit counts: the keys and arguments of one _FLUSH per hash tag."""
+    s, now = _settings(None, DEFAULT_TTL, LOCK_TTL, HOT_THRESHOLD, HOT_TTL, HOT_WINDOW, STATS_TTL, MAX_WAIT,
+                       RETRY_AFTER), int(time.time() * 1000)
+    batches: dict[str, tuple[list[str], list]] = {}
+    for entry, hits in counts.items():
+        tag = entry[:entry.index("}") + 1]
+        keys, args = batches.setdefault(tag, ([tag + "stats"], [now, s.window_ms, s.hot_threshold, s.hot_ms,
+                                                                 s.stats_ms]))
+        keys.append(entry)
+        args.append(hits)
+    return list(batches.values())
+
+
+def _work(chores: _Chores) -> None:
+    while True:
+        chores.wake.wait(chores.nap())
+        chores.wake.clear()
+        try:
+            _run_chores(chores)
+        except Exception:  # the worker must outlive anything: a bad setting read at a flush, say
+            log.exception("llm cache: the background worker failed")
+
+
+def _run_chores(chores: _Chores, flush: bool = False) -> None:
+    with chores.lock:
+        while chores.jobs:
+            job, *args = chores.jobs.popleft()
+            job(*args)
+        for req in chores.due():
+            _renew(req)
+        if flush or time.monotonic() >= chores.flushed + 1:
+            _flush(chores)
+
+
+def _renew(req: _Req) -> None:
+    # python-redis-lock's auto_renewal: the holder's lock outlives any call, and dies with the holder's process.
+    # Not a stream's whose caller has held a chunk for MAX_WAIT, though (its waiters have given up by then): the
+    # iterator may be unreachable but alive, in a traceback, say
+    req.renew_at = time.monotonic() + req.s.lock_ms / 3000
+    try:
+        if req.paused is not None and time.monotonic() - req.paused > MAX_WAIT or not _script(
+                req.r, _RENEW, req.keys[1:3], req.token, req.s.lock_ms):
+            req.chores.holds.pop(req, None)  # not the holder any more: the first answer stored wins
+    except _ERRORS:
+        pass  # Redis is away; if it stays away the lock expires, which costs a duplicate call at most
+
+
+def _publish(req: _Req) -> None:
+    """Publishes a leader's chunks not yet sent, in one round trip; none after a failure (then its followers
+    read the entry)."""
+    batch = req.texts[req.sent:]
+    if batch and req.sent >= 0:
+        try:
+            sent = _script(req.r, _PUBLISH, req.keys[1:3], req.token, req.s.lock_ms, req.sent, *batch)
+        except _ERRORS as e:
+            _failed(req.r, e)
+            sent = 0
+        req.sent = req.sent + len(batch) if sent else -1
+
+
+def _flush(chores: _Chores) -> None:
+    with _counting:
+        counts, chores.counts, chores.flushed = chores.counts, {}, time.monotonic()
+    for r, hits in counts.items():
+        if _up(r):  # else they are dropped: a Redis that is down would cost the worker a timeout a second
+            try:
+                pipe = r.pipeline(transaction=False)
+                for keys, args in _batches(hits):
+                    pipe.execute_command("EVAL", _FLUSH, len(keys), *keys, *args)
+                pipe.execute()
+            except _ERRORS as e:
+                _unsent(chores, r, hits, e)
+
+
+async def _awork(chores: _Chores) -> None:
+    try:
+        while chores.jobs or chores.holds or chores.counts:  # then it ends, so that its loop may close
+            try:
+                await asyncio.wait_for(chores.wake.wait(), chores.nap())
+            except asyncio.TimeoutError:
+                pass
+            chores.wake.clear()
+            await _arun_chores(chores)
+    except asyncio.CancelledError:  # its loop is closing (asyncio.run's end): send what is left first
+        await _arun_chores(chores, flush=True)
+        raise
+
+
+async def _arun_chores(chores: _Chores, flush: bool = False) -> None:
+    async with chores.lock:
+        while chores.jobs:
+            job, *args = chores.jobs.popleft()
+            await job(*args)
+        for req in chores.due():
+            await _arenew(req)
+        if flush or time.monotonic() >= chores.flushed + 1:
+            await _aflush(chores)
+
+
+async def _arenew(req: _Req) -> None:
+    req.renew_at = time.monotonic() + req.s.lock_ms / 3000
+    try:
+        if req.paused is not None and time.monotonic() - req.paused > MAX_WAIT or not await _ascript(
+                req.r, _RENEW, req.keys[1:3], req.token, req.s.lock_ms):
+            req.chores.holds.pop(req, None)
+    except _ERRORS:
+        pass
+
+
+async def _apublish(req: _Req) -> None:
+    batch = req.texts[req.sent:]
+    if batch and req.sent >= 0:
+        try:
+            sent = await _ascript(req.r, _PUBLISH, req.keys[1:3], req.token, req.s.lock_ms, req.sent, *batch)
+        except _ERRORS as e:
+            _failed(req.r, e)
+            sent = 0
+        req.sent = req.sent + len(batch) if sent else -1
+
+
+async def _aflush(chores: _Chores) -> None:
+    with _counting:
+        counts, chores.counts, chores.flushed = chores.counts, {}, time.monotonic()
+    for r, hits in counts.items():
+        if _up(r):
+            try:
+                pipe = r.pipeline(transaction=False)
+                for keys, args in _batches(hits):
+                    pipe.execute_command("EVAL", _FLUSH, len(keys), *keys, *args)
+                async with _gate(r):
+                    await pipe.execute()
+            except _ERRORS as e:
+                _unsent(chores, r, hits, e)
+
+
+def _unsent(chores: _Chores, r: Any, hits: dict[str, int], error: Exception) -> None:
+    """Hit counts a flush could not send: kept for the next one if Redis had no connection for it (the pool busy,
+    maxclients), else dropped."""
+    if _busy(error):
+        with _counting:
+            tally = chores.counts.setdefault(r, {})
+            for entry, n in hits.items():
+                tally[entry] = tally.get(entry, 0) + n
+    else:
+        _failed(r, error)
+
+
+def _at_exit() -> None:
+    _run_chores(_SYNC, flush=True)
+
+
+def _after_fork() -> None:  # a child inherits the parent's state, but not the threads that serve it
+    global _loading, _counting, _starting
+    _loading, _counting, _starting = threading.Lock(), threading.Lock(), threading.Lock()
+    registry: Any = sys.modules.get("tiktoken.registry")
+    if registry is not None and math.inf in _loads.values():  # the parent's loading thread holds tiktoken's lock
+        registry._lock = threading.RLock()
+    _SYNC.__dict__.update(_Chores(sync=True).__dict__)  # the parent sends its own counts, renews its own locks
+    _leading.set(())  # the forking thread's streams are the parent's to lead
+    for state in (_flights, _loop_chores, _wait_slots, _gates, _loads):
+        state.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+# threading's exit hook runs at the interpreter's exit and at a multiprocessing child's, which ends in os._exit
+getattr(threading, "_register_atexit", atexit.register)(_at_exit)
+
+
+# ---------------------------------------------------------------- get_or_set: the sync path
 
 def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl: float | None = None, *,
-               client: redis.Redis | redis.RedisCluster | None = None, params: dict | None = None) -> Any:
-    """call_fn()'s answer to this request, as JSON gives it back; the model is called only on a miss. If call_fn
-    returns an iterator (a stream), the answer is an iterator of its chunks, as JSON gives them back."""
-    keys, ttl_ms, s = _checked(messages, model, call_fn, ttl, params)
+               client: redis.Redis | redis.RedisCluster | None = None, params: dict | None = None,
+               response_model: type | None = None) -> Any:
+    """call_fn()'s answer to this request, as JSON gives it back (or as response_model, a pydantic model); the model
+    is called only on a miss. If call_fn returns an iterator (a stream), the answer is an iterator of its chunks."""
     if inspect.iscoroutinefunction(call_fn):
         raise TypeError(f"call_fn is a coroutine function ({call_fn.__qualname__}): await aget_or_set for it")
-    io, ended = _Blocking(_redis(client), call_fn, keys, messages, model, ttl_ms, s), threading.Lock()
-    ended.acquire()  # a lock, not an Event: an Event costs a hit 3 µs more
-    result = _now(_flow(io, _Flight(ended, threading.get_ident())))
-    if isinstance(result, (_Stored, _Live, _Lead)):
-        return _Chunks(_relay(io, result))
-    return result
+    req = _Req(_redis(client, sync=True), _keys(messages, model, params, response_model), call_fn, ttl, _SYNC,
+               messages, model)
+    req.shape = response_model
+    value = _get(req)
+    if value is _MISS:
+        value = _single_flight(req)
+    return _shaped(req, (chunk for chunk in value) if isinstance(value, _Stored) else value)
 
 
-async def aget_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl: float | None = None, *,
-                      client: redis.asyncio.Redis | redis.asyncio.RedisCluster | None = None,
-                      params: dict | None = None) -> Any:
-    """get_or_set for asyncio: call_fn may return an awaitable, and no wait blocks the event loop. A stream
-    (an iterator or async iterator, such as AsyncStream) is answered with an async iterator of its chunks."""
-    keys, ttl_ms, s = _checked(messages, model, call_fn, ttl, params)
-    io = _Async(_redis(client, sync=False), call_fn, keys, messages, model, ttl_ms, s)
-    result = await _flow(io, _Flight(asyncio.Future(), asyncio.current_task()))
-    if not isinstance(result, (_Stored, _Live, _Lead)):
-        return result
-    relay = _relay(io, result)
-    await relay.__anext__()  # primed, so that dropping it unread closes it: a lock it holds is released
-    return relay
-
-
-def cached(create_fn: Callable[..., Any], /, *, ttl: float | None = None,
-           client: redis.Redis | redis.RedisCluster | None = None, **request: Any) -> Any:
-    """create_fn(**request)'s answer, keyed on the whole request: every keyword argument but TRANSPORT_ONLY ones
-    is in the key, so none can be left out of it. model and messages are keyword arguments, as the openai SDK
-    takes them. Returns what get_or_set returns."""
-    messages, model, params = _request(create_fn, request)
-    return get_or_set(messages, model, lambda: create_fn(**request), ttl, client=client, params=params)
-
-
-async def acached(create_fn: Callable[..., Any], /, *, ttl: float | None = None,
-                  client: redis.asyncio.Redis | redis.asyncio.RedisCluster | None = None, **request: Any) -> Any:
-    """cached for asyncio, such as AsyncOpenAI's create."""
-    messages, model, params = _request(create_fn, request)
-    return await aget_or_set(messages, model, lambda: create_fn(**request), ttl, client=client, params=params)
-
-
-def _request(create_fn: Any, request: dict) -> tuple[Any, Any, dict]:
-    """A request's messages, model and other keyword arguments, or the error that names one that is no JSON."""
-    if not callable(create_fn):
-        raise TypeError(f"create_fn must be callable, got {type(create_fn).__name__}")
-    params = {name: value for name, value in request.items() if name not in TRANSPORT_ONLY}
-    for name, value in params.items():
-        try:
-            _canonical(value)
-        except (TypeError, ValueError, RecursionError) as e:
-            raise TypeError(f"{name} must be JSON to be part of the key, got {type(value).__name__}: {e}") from None
-    return params.pop("messages", None), params.pop("model", None), params
-
-
-def _checked(messages: Any, model: Any, call_fn: Any, ttl: Any, params: Any) -> tuple[list[str], int, _Settings]:
-    """The request's keys, the entry's ttl and the settings, in ms; or the error that says what is wrong."""
-    keys = _keys(messages, model, params)
-    if not callable(call_fn) or _needs_arguments(call_fn):
-        name = getattr(call_fn, "__qualname__", type(call_fn).__name__)
-        raise TypeError(f"call_fn must be a callable taking no arguments, got {name}")
-    ttl_ms = _ms("DEFAULT_TTL", DEFAULT_TTL) if ttl is None else _ms("ttl", ttl)
-    return keys, ttl_ms, _settings(LOCK_TTL, HOT_THRESHOLD, HOT_TTL, HOT_WINDOW, STATS_TTL, MAX_WAIT, RETRY_AFTER)
-
-
-def _needs_arguments(fn: Callable) -> bool:
-    # read off a function's or method's code: inspect.signature costs 10-300 µs, more than a hit. Other callables
-    # (a partial, a builtin, an object) tell at the call, and so does a decorator's (*args, **kwargs), which may
-    # supply what the function it wraps needs
-    func: Any = fn.__func__ if isinstance(fn, types.MethodType) else fn
-    code, given = getattr(func, "__code__", None), func is not fn  # a method's first argument is given
-    if not isinstance(code, types.CodeType):
-        return False
-    return (code.co_argcount - len(getattr(func, "__defaults__", None) or ()) > given
-            or code.co_kwonlyargcount > len(getattr(func, "__kwdefaults__", None) or {}))
-
-
-# The flow (coalesce, look up, lead or wait, call, store, release, wake) is written once, as coroutines that do
-# their I/O through `io`, which also holds the call's request: _Blocking for get_or_set, whose coroutines never
-# suspend, so that _now runs the flow to its end in one step; _Async for aget_or_set, on the event loop.
-
-async def _flow(io: Any, mine: _Flight) -> Any:
-    # Go's singleflight: one caller per process and request goes to Redis and the model, the others wait for it
-    flight_key, deadline = (id(io.r), io.scope, io.keys[0]), time.monotonic() + MAX_WAIT
-    if _streaming and _mark(io) in _streaming:  # it leads a stream of this request: don't wait for that
-        return (await _trip(io, 0))[0]
-    while (flight := _flights.setdefault(flight_key, mine)) is not mine:  # atomic: one dict operation
-        if flight.leader == mine.leader:  # call_fn asked for its own request: don't wait for itself
-            return (await _trip(io, 0))[0]
-        flight.waiting.add(mine)
-        try:
-            ended = await io.join(flight) or mine in flight.counted  # counted as it gave up: it takes the answer
-        finally:
-            if not flight.counted:  # cancelled, or waited MAX_WAIT: it won't be answered, so it is no hit
-                flight.waiting.discard(mine)
-        if not ended:  # waited MAX_WAIT, as a Redis waiter would: call the model itself
-            return (await _trip(io, 0))[0]
-        if flight.error is not None:  # a copy where one can be made, so that each caller has its own traceback
-            raise _copied(flight.error).with_traceback(flight.traceback)
-        if flight.data is not None:
-            if mine not in flight.counted:  # it joined as the leader counted
-                await _count(io, 1)
-            return _decoded(flight.data)
-        # neither answer nor exception (a stream, or a cancelled leader): the next in line leads
+def _get(req: _Req) -> Any:
+    """The stored answer, counted as a hit; _MISS if there is none, or Redis is down."""
+    if req.r is None or _down_until.get(req.r, 0) > time.monotonic():
+        return _MISS
     try:
-        result, mine.data = await _trip(io, deadline)
-    except Exception as e:
-        mine.error, mine.traceback = e, e.__traceback__
+        if req.max_age is None:
+            data = _command(req.r, "HGET", req.keys[0], "v")
+        else:
+            data = _fresh(req, *_command(req.r, "HMGET", req.keys[0], "v", "s"))
+    except _ERRORS as e:
+        _failed(req.r, e)
+        return _MISS
+    return _hit(req, data)
+
+
+def _fresh(req: _Req, data: bytes | None, stored_at: bytes | None) -> bytes | None:
+    """The entry, if stored within the caller's max-age; else None, and the caller's store may replace it."""
+    if data is not None and req.max_age is not None and int(stored_at or 0) < time.time() * 1000 - req.max_age:
+        req.corrupt, data = data, None
+    return data
+
+
+def _hit(req: _Req, data: bytes | None) -> Any:
+    """A stored answer, counted as a hit; _MISS if there is none, or it is corrupt (the store may replace it)."""
+    if data is None:
+        return _MISS
+    try:
+        value = _decoded(data)
+    except (ValueError, RecursionError):  # not JSON, or not UTF-8
+        req.corrupt = data
+        return _MISS
+    if req.shape is not None and not isinstance(value, (_Stored, req.shape)):
+        try:
+            value = req.shape.model_validate(value)
+        except ValueError:  # pydantic's ValidationError: an answer of an older shape, say
+            _invalid(req.shape)
+            req.corrupt = data
+            return _MISS
+    _count(req)
+    return value
+
+
+@functools.cache  # once per model
+def _invalid(shape: type) -> None:
+    log.warning("llm cache: entries that are no valid %s count as misses and are replaced", shape.__name__)
+
+
+def _shaped(req: _Req, value: Any) -> Any:
+    """The answer as the response_model the caller named, if it named one (a hit's is one already)."""
+    if req.shape is None or isinstance(value, (req.shape, Iterator, AsyncIterator)):
+        return value
+    return req.shape.model_validate(value)
+
+
+def _command(r: Any, *args: Any) -> Any:
+    """One round trip, its reply undecoded. With no connection to be had yet, it waits, up to LOCK_TTL."""
+    give_up = time.monotonic() + LOCK_TTL
+    while True:
+        try:
+            return r.execute_command(*args, NEVER_DECODE=True)
+        except redis.ConnectionError as e:
+            if not _busy(e) or time.monotonic() > give_up:
+                raise
+        time.sleep(0.01)  # (no gate, as tasks have: a threading.Semaphore would cost every hit 15 µs)
+
+
+def _script(r: Any, script: _Script, keys: list[str], *args: Any) -> Any:
+    try:  # EVALSHA straight from the client: through redis-py's Script a hit measured 6-10% slower
+        return _command(r, "EVALSHA", script.sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:  # a new or flushed server: EVAL runs the script and caches it
+        return _command(r, "EVAL", script.source, len(keys), *keys, *args)
+
+
+def _single_flight(req: _Req) -> Any:
+    """Go's singleflight: one caller per process and request goes on to Redis's lock and the model; the others
+    share its outcome (its answer, or its exception: the same object) and wait as long as it does."""
+    key, mine = (id(req.r), "threads", req.keys[0]), concurrent.futures.Future[Any]()
+    mine.leader = threading.current_thread()  # type: ignore[attr-defined]
+    while (flight := _flights.setdefault(key, mine)) is not mine:  # atomic: one dict operation
+        if _leads(req) or not _wait(flight):  # call_fn asked for its own request: it must not wait for itself
+            return _trip(req, wait=False)[0]
+        data = flight.result()  # the leader's exception raised again, if it got one
+        if data is not None:  # else no answer to share (a stream's): the next in line goes on
+            return _hit(req, data)
+    try:
+        value, data = _trip(req, wait=True)
+    except BaseException as e:
+        _flights.pop(key, None)
+        # an HTTP error answer may be the caller's own (its API key, its organization): the others ask themselves
+        mine.set_exception(e) if isinstance(e, Exception) and not isinstance(e, _Refused) else mine.set_result(None)
         raise
-    finally:
-        if _flights.get(flight_key) is mine:  # not if a fork in call_fn forgot it
-            del _flights[flight_key]
-        mine.counted = set(mine.waiting)  # (one step: a set is copied holding the GIL)
-        mine.end()
-    if mine.counted and mine.data is not None:  # the followers were answered from Redis too: hits, in one trip
-        await _count(io, len(mine.counted))
-    return result
+    _flights.pop(key, None)
+    mine.set_result(data)
+    return value
 
 
-def _copied(error: Exception) -> Exception:
-    try:
-        return copy.copy(error)
-    except Exception:  # an exception class copy can't rebuild: share the one object
-        return error
+def _leads(req: _Req) -> bool:
+    """Whether the caller, or the task or thread whose context it runs in, leads this request."""
+    return any(mark.leading and mark.keys[0] == req.keys[0] for mark in _leading.get())
 
 
-async def _trip(io: Any, deadline: float, waiter: _Waiter | None = None) -> tuple[Any, str | bytes | None]:
-    """The answer, and its JSON if it may be shared: from Redis, or from call_fn while holding the lock. A
-    streamed answer is _Stored, _Live or _Lead, for _relay."""
-    r, token, lost = io.r, secrets.token_hex(8), False
-    corrupt: tuple[bytes, ...] = ()
-    data: str | bytes | None
-    may_hold = r is not None and _down_until.get(r, 0) <= time.monotonic()
-    if may_hold:  # else Redis failed moments ago: don't wait on it again yet
+def _wait(flight: concurrent.futures.Future) -> bool:
+    """Waits for the leader's outcome. False at once if the leader waits for this thread: its call_fn asked for its
+    own request from a thread it then waits on (executor.submit(...).result(), Thread.join), which carries none of
+    its context."""
+    pause = 0.05
+    while not _waits_for_me(flight.leader):  # type: ignore[attr-defined]
+        if concurrent.futures.wait([flight], timeout=pause).done:
+            return True
+        pause = min(pause * 2, 2)  # a scan of the leader's frames costs CPU: less often, the longer it runs
+    return False
+
+
+def _waits_for_me(leader: threading.Thread) -> bool:
+    """Whether the leader's thread waits for this thread (join) or for the future of the pool's work item it runs
+    (result, wait, as_completed): what its frames hold, or hold in a collection."""
+    frames, mine = sys._current_frames(), list[Any]([threading.current_thread()])
+    frame = frames.get(threading.get_ident())
+    while frame is not None:
+        mine.append(getattr(frame.f_locals.get("self"), "future", None))
+        frame = frame.f_back
+    ids, frame = {id(thing) for thing in mine if thing is not None}, frames.get(leader.ident or 0)
+    while frame is not None:
+        for held in frame.f_locals.values():
+            if id(held) in ids or isinstance(held, (list, set, tuple)) and any(id(x) in ids for x in held):
+                return True
+        frame = frame.f_back
+    return False
+
+
+def _trip(req: _Req, wait: bool) -> tuple[Any, bytes | None]:
+    """The answer, and its JSON if it may be shared: from Redis, if it was stored meanwhile, or once the lock's
+    holder has stored it; else from call_fn, holding the lock if Redis gave it."""
+    if _up(req.r):
         try:
-            value, data, corrupt = await _lookup(io, token, deadline, waiter)
-            if _down_until.pop(r, None):
+            value, data = _lookup(req, wait)
+            if _down_until.pop(req.r, None):
                 log.warning("llm cache: Redis answers again, caching resumed")
             if value is not _MISS:
                 return value, data
         except _ERRORS as e:
-            _failed(r, e)
-            # a reply lost after the server ran the script may have given the caller the lock all the same:
-            # then it renews, stores and releases like any holder (the owner check makes that safe)
-            may_hold = lost = isinstance(e, redis.TimeoutError)
-        except BaseException:  # cancelled or interrupted, maybe just after the script gave it the lock
-            io.later(_finish(io, token, "", 0, corrupt))
-            raise
-    result, data, stop = None, None, io.renew(token) if may_hold else None
-    try:
-        result, data = _json(await io.call(), io.streams)
-        if data is None:  # a stream: _relay stores it and releases the lock when it ends
-            result, stop = _Lead(result, token if may_hold else None, corrupt, lost, stop), None
-    finally:  # also when call_fn raised: release the lock at once, so the next caller need not wait
-        if stop is not None:
-            stop()
-            tokens = _tokens(io.messages, io.model, result) if data else 0
-            # after a timeout, the caller doesn't wait for another; another worker's answer stored first wins
-            if (stored := await _store(io, token, data or "", tokens, corrupt, lost)) is not None:
-                result, data = stored
-    return result, data
+            _failed(req.r, e)
+            # a reply lost after the server ran the script may have given the caller the lock all the same: then
+            # it renews, stores and releases like any holder (the owner check makes that safe)
+            req.held = isinstance(e, redis.TimeoutError)
+    return _call(req)
 
 
-def _json(result: Any, streams: tuple[type, ...] = (), what: str = "call_fn returned") -> tuple[Any, str | None]:
-    """The answer as JSON gives it back, and that JSON; a stream as it is, with None."""
-    if isinstance(result, streams):
-        return result, None
-    if inspect.iscoroutine(result):  # a lambda around an async call, given to get_or_set
-        result.close()
-        raise TypeError(f"{what} a coroutine: await aget_or_set (or acached) for an async call")
-    if hasattr(result, "model_dump"):  # pydantic, such as the openai SDK's ChatCompletion
-        result = result.model_dump(mode="json")
-    try:
-        data = json.dumps(result, separators=(",", ":"), allow_nan=False)
-        return json.loads(data), data  # exactly what a later hit returns
-    except (TypeError, ValueError, RecursionError) as e:
-        raise TypeError(f"{what} a {type(result).__name__}, not JSON or pydantic: {e}") from None
-
-
-async def _lookup(io: Any, token: str, deadline: float,
-                  waiter: _Waiter | None) -> tuple[Any, str | bytes | None, tuple[bytes, ...]]:
-    """The cached value and its JSON; or _MISS once the caller should call the model (holding the lock unless it
-    waited until the deadline); or _Live chunks the holder is streaming. Last, a corrupt value found on the way,
-    which the caller's store may replace."""
-    corrupt: tuple[bytes, ...] = ()
-    last_corrupt, live = corrupt, None
+def _lookup(req: _Req, wait: bool) -> tuple[Any, bytes | None]:
+    """What Redis has: the answer, counted as a hit, and its JSON; or _MISS once the caller should call the model,
+    holding the lock if it took it; or, while the holder streams, its chunks, followed live."""
+    req.token, deadline, waiter = secrets.token_hex(8), time.monotonic() + MAX_WAIT, None
     try:
         while True:
-            reply = await _script(io, _READ, io.keys, token, *io.s, int(time.time() * 1000), 1, *last_corrupt)
-            last_corrupt = ()
+            reply = _script(req.r, _LOCK, req.keys[:3], req.token, req.s.lock_ms, req.corrupt)
             if not isinstance(reply, int):
-                try:
-                    return _decoded(reply), reply, corrupt
-                except (ValueError, RecursionError):  # not JSON, or not UTF-8: the next read takes back its hit
-                    corrupt = last_corrupt = (reply,)
-                    continue
-            left = deadline - time.monotonic()
-            if reply == 0 or left <= 0:
-                return _MISS, None, corrupt
-            waiter = waiter or _Waiter()  # (made only now: a hit needs none)
-            chunks = await waiter.wait(io, min(reply, left * 1000))
-            if chunks:
-                live = _Live(chunks, waiter)
-                return live, None, corrupt
+                value = _hit(req, reply)
+                if value is not _MISS:
+                    return value, reply
+                continue  # corrupt: the next lookup takes the lock over it
+            req.held = reply == 0
+            if req.held or not wait or time.monotonic() >= deadline or _leads(req):
+                return _MISS, None
+            waiter = waiter or _Waiter(req)
+            if chunks := waiter.wait(min(reply, (deadline - time.monotonic()) * 1000)):
+                follow = _primed(_follow(req, waiter, chunks))
+                waiter = None  # the follower's now
+                return follow, None
+    except BaseException as e:  # interrupted, maybe as the server gave it the lock: let go if so (owner-checked)
+        if not isinstance(e, _ERRORS):
+            req.chores.poke(_finish, req, b"", 0)
+        raise
     finally:
-        if live is None and waiter is not None:
-            await waiter.close(io)
+        if waiter is not None:
+            waiter.close()
+
+
+def _call(req: _Req) -> tuple[Any, bytes | None]:
+    """call_fn's answer and its JSON: stored, and the lock released, if the caller holds it. The first answer
+    stored wins: a holder that lost its lock returns the one stored before its own."""
+    if req.held:
+        _hold(req)
+    _mark(req)
+    try:
+        result = req.call_fn()
+        req.outcome = "miss" if req.token and _up(req.r) else "bypass"
+        if isinstance(result, Iterator):  # a stream: the caller leads it until it ends
+            return _primed(_relay(req, result)), None
+        req.leading = False
+        value, data = _entry(result)
+    except BaseException:
+        req.leading = False
+        _release(req)  # at once, so that the next caller need not wait
+        raise
+    tokens = _tokens(req.messages, req.model, value)
+    if req.held and not _up(req.r):  # Redis failed just now: the caller must not wait out another timeout
+        req.chores.poke(_finish, req, data, tokens)
+    elif req.token and _up(req.r) and (stored := _finish(req, data, tokens)) is not None:
+        return _decoded(stored), stored
+    return value, data
+
+
+def _mark(req: _Req) -> None:
+    """Marks the caller as leading req, until req.leading is cleared, so that neither it nor a task or thread that
+    inherits its context waits for it."""
+    req.leading = True
+    _leading.set(tuple(mark for mark in _leading.get() if mark.leading) + (req,))
+
+
+def _release(req: _Req, data: bytes = b"", tokens: int = 0) -> None:
+    """Stores data, if any, lets the lock go and wakes the waiters: in the background if Redis failed just now."""
+    if not (req.held or data and req.token):
+        return
+    if _up(req.r):
+        _finish(req, data, tokens)
+    else:
+        req.chores.poke(_finish, req, data, tokens)
+
+
+def _finish(req: _Req, data: bytes, tokens: int) -> bytes | None:
+    """Stores data (b"" stores nothing), releases the lock and wakes the waiters, in one round trip; returns the
+    answer stored before, if there was one."""
+    req.chores.holds.pop(req, None)
+    for again in (True, False):
+        try:
+            return _script(req.r, _FINISH, req.keys, req.token, data, tokens, req.s.ttl_ms, req.s.lock_ms,
+                           req.s.stats_ms, req.corrupt, int(time.time() * 1000))
+        except _ERRORS as e:
+            # dropped during the call (a restart, an idle timeout): once more, as a client's own retry would; the
+            # owner check makes a repeat harmless
+            if not again or not isinstance(e, redis.ConnectionError) or _busy(e):
+                _failed(req.r, e)
+    return None
+
+
+def _primed(stream: Iterator) -> Iterator:
+    next(stream)  # to its first yield: from there, closing it or dropping it unread runs its finally block
+    return stream
+
+
+def _relay(req: _Req, source: Iterator) -> Iterator:
+    """The model's stream, relayed as it comes: each chunk to the caller, and through the worker to the followers
+    while the caller holds the lock. Stored whole at the end, if it ended complete; else the lock is let go and the
+    model's stream closed."""
+    chunks: list = []
+    publish, entry, tokens = req.held and _up(req.r), b"", 0
+    try:
+        req.paused = time.monotonic()  # since when the caller holds a chunk: renewals stop after MAX_WAIT
+        yield None
+        for chunk in source:
+            value = _taken(req, chunks, chunk)
+            if publish:
+                req.chores.poke(_publish, req)
+            req.paused = time.monotonic()
+            yield value
+            req.paused = None
+        entry, tokens = _stream_entry(req, chunks)
+    except GeneratorExit:  # closed, or dropped: maybe by the garbage collector, inside a lock the release needs
+        if req.held:
+            req.chores.poke(_finish, req, b"", 0)
+            req.held = False
+        raise
+    finally:  # (publishes still on their way after the store are refused: the followers read the entry)
+        req.leading = False
+        _release(req, entry, tokens)
+        close = getattr(source, "close", None)
+        if not entry and close is not None:
+            close()  # the model's stream, stopped early: its connection goes back to its pool
+
+
+def _taken(req: _Req, chunks: list, chunk: Any) -> Any:
+    """A leader's chunk, as JSON gives it back; kept for the entry, and for the worker to publish."""
+    value, text = _json(chunk, "call_fn's stream gave")
+    chunks.append(value)
+    req.texts.append(text)
+    return value
+
+
+def _stream_entry(req: _Req, chunks: list) -> tuple[bytes, int]:
+    """A stream's entry, RS, the holder's token and the JSON list of its chunks, and the tokens it cost; b"" if it
+    ended incomplete, so that it is not stored."""
+    if not _complete(chunks, req.sse):
+        return b"", 0
+    entry = f"{_RS}{req.token}[{','.join(req.texts)}]".encode()
+    return entry, _tokens(req.messages, req.model, _events(chunks) if req.sse else chunks)
+
+
+def _follow(req: _Req, waiter: _Waiter, chunks: list) -> Iterator:
+    """A streamed answer's chunks as the lock's holder publishes them, then the rest from its entry; a hit. Raises
+    StreamInterrupted if the holder stops after some were handed out; with none handed out, it asks again."""
+    n, holder, entry = 0, b"", None
+    try:
+        yield None
+        while True:
+            for index, data, owner in chunks:
+                if n and owner != holder:  # another holder's chunks: the last one died
+                    _interrupted()
+                if index == n:  # else a repeat, from a publish retried
+                    yield json.loads(data)
+                    n, holder = n + 1, owner
+            chunks = [] if waiter.released else waiter.wait(req.s.lock_ms)
+            if not chunks:
+                waiter.released = False
+                entry, lock = _peek(req, n)
+                if entry is not None or lock is None or n and lock != holder:
+                    break  # stored, or let go
+    finally:
+        waiter.close()
+    rest = _ending(req, entry, n, holder)
+    yield from _again(req) if rest is None else rest
+
+
+def _peek(req: _Req, n: int) -> tuple[bytes | None, bytes | None]:
+    """The entry and the lock's token; once chunks were handed out, read past errors for up to LOCK_TTL, so that a
+    short stall, which another thread may have taken for an outage, doesn't break the stream."""
+    give_up = time.monotonic() + (req.s.lock_ms / 1000 if n else 0)
+    while True:
+        try:  # the lock first: the store and the release are one script, so an entry read after the lock is gone
+            lock = _command(req.r, "GET", req.keys[1])  # holds whatever was stored with the release
+            return _command(req.r, "HGET", req.keys[0], "v"), lock
+        except _ERRORS:
+            if time.monotonic() >= give_up:
+                return None, None
+        time.sleep(0.05)
+
+
+def _ending(req: _Req, entry: bytes | None, n: int, holder: bytes) -> list | None:
+    """A followed stream's chunks from the n-th on, from its entry, counted as a hit; None if the stream broke off
+    before any was handed out, so that the follower asks again. StreamInterrupted if it broke off later."""
+    try:
+        stored = _decoded(entry) if entry is not None else None
+    except (ValueError, RecursionError):
+        stored = None
+    if isinstance(stored, _Stored) and (not n or stored.token == holder):
+        _count(req)
+        return stored[n:]
+    if n:
+        _interrupted()
+    return None
+
+
+def _again(req: _Req) -> Iterator:
+    value = _trip(req, wait=True)[0]
+    if not isinstance(value, (Iterator, list)):
+        raise TypeError(f"call_fn returned a stream for this request before, and now a {type(value).__name__}")
+    yield from value
+
+
+def _interrupted() -> Any:
+    raise StreamInterrupted("the caller streaming this answer from the model failed or stopped, after some of its "
+                            "chunks were handed out here; ask again for the whole answer")
 
 
 class _Waiter:
-    """A waiter's sleep until the holder stores its answer, publishes a chunk of it or its lock expires: on a
-    connection of the waiter's own, so that waiters never hold the pool's connections, but no more of them than
-    the pool may open; past that, or if the server refuses one (maxclients), it polls every 50 ms."""
+    """A waiter's sleep until the lock's holder stores, publishes a chunk or lets go: on a connection of its own, so
+    that waiters never hold one of the pool's, yet no more of them than the pool may open. Past that, or if the
+    server refuses one (maxclients), it polls every 50 ms."""
 
-    def __init__(self) -> None:
-        self.conn: Any = None
-        self.slots: Any = None  # the pool's, once the waiter asked for one of its connections
-        self.timeout: Any = None
-        self.seen = "0-0"  # the last entry read: one a late holder stored, and which expired since, wakes no one
-        self.released = False  # whether the last wait read the lock's release
+    def __init__(self, req: _Req) -> None:
+        self.req, self.conn, self.seen, self.released, self.timeout = req, None, b"0-0", False, None
+        owner, pool = _pool(req.r, req.keys[2])
+        self.slots = _wait_slots.setdefault(owner, threading.BoundedSemaphore(pool.max_connections))
+        if self.slots.acquire(blocking=False):
+            self.conn = pool.connection_class(**pool.connection_kwargs)
+            self.timeout = self.conn.socket_timeout  # a block lasts up to this, and its reply may take as long again
+            self.conn.socket_timeout = 2 * self.timeout if self.timeout else None
 
-    async def wait(self, io: Any, ms: float) -> list[tuple[int, bytes, bytes]]:
-        """The chunks published since the last wait, if any: (index, JSON, the holder's token)."""
-        stream = io.keys[2]
-        if self.slots is None:
-            owner, pool = _pool(io.r, stream)
-            self.slots = _wait_slots.setdefault(owner, threading.BoundedSemaphore(pool.max_connections))
-            if self.slots.acquire(blocking=False):
-                self.conn = conn = pool.connection_class(**pool.connection_kwargs)
-                self.timeout = conn.socket_timeout  # blocks last up to this, and the reply may take as long again
-                conn.socket_timeout = 2 * self.timeout if self.timeout else None
-        if self.conn is None:
-            await io.sleep(min(ms, 50) / 1000)
-            return []
-        try:
-            woken = await io.xread(self.conn, "XREAD", "BLOCK", max(1, int(min(ms, (self.timeout or 1) * 1000))),
-                                   "STREAMS", stream, self.seen)
-        except _ERRORS as e:  # the next wait connects again
-            await io.close(self.conn)
-            if not isinstance(e, redis.TimeoutError):  # slow or frozen, the next read tells; else dropped, refused
-                # (maxclients) or an error reply: poll once first
-                await io.sleep(min(ms, 50) / 1000)
-            return []
+    def xread(self, ms: float) -> tuple:
+        return ("XREAD", "BLOCK", max(1, int(min(ms, (self.timeout or 1) * 1000))), "STREAMS", self.req.keys[2],
+                self.seen)
+
+    def chunks(self, reply: Any) -> list[tuple[int, bytes, bytes]]:
+        """The chunks an XREAD read: (index, JSON, the holder's token). Notes whether the lock was let go."""
+        entries = (next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]) if reply else []
         chunks = []
-        entries = (next(iter(woken.values())) if isinstance(woken, dict) else woken[0][1]) if woken else []
         for entry, fields in entries:  # RESP3 replies a map, RESP2 a list of [stream, entries]
             self.seen = entry
-            if fields[:1] == [b"i"]:  # a chunk; else the lock was released
+            if fields[:1] == [b"i"]:
                 chunks.append((int(fields[1]), fields[3], fields[5]))
         self.released = len(chunks) < len(entries)
         return chunks
 
-    async def close(self, io: Any) -> None:
+    def wait(self, ms: float) -> list[tuple[int, bytes, bytes]]:
+        """The chunks published since the last wait; [] after a wake-up, or ms."""
+        if self.conn is None:
+            time.sleep(min(ms, 50) / 1000)
+            return []
+        try:
+            self.conn.send_command(*self.xread(ms))
+            return self.chunks(self.conn.read_response(disable_decoding=True))
+        except _ERRORS as e:  # the next wait connects again
+            self.conn.disconnect()
+            if not isinstance(e, redis.TimeoutError):  # dropped, refused (maxclients) or an error reply: poll first
+                time.sleep(min(ms, 50) / 1000)
+            return []
+
+    def close(self) -> None:
         if self.conn is not None:
             conn, self.conn = self.conn, None
             self.slots.release()  # first: a second cancellation may interrupt the close
-            await io.close(conn)
+            conn.disconnect()
 
 
 def _pool(r: Any, key: str) -> tuple[Any, Any]:
@@ -656,418 +1195,536 @@ def _pool(r: Any, key: str) -> tuple[Any, Any]:
     return r.connection_pool, r.connection_pool
 
 
-async def _script(io: Any, script: _Script, keys: list[str], *args: Any) -> Any:
-    """One round trip; replies undecoded. A pool with no connection free is waited on, up to LOCK_TTL."""
-    give_up = None
+# ---------------------------------------------------------------- aget_or_set: the async twin
+
+async def aget_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl: float | None = None, *,
+                      client: redis.asyncio.Redis | redis.asyncio.RedisCluster | None = None,
+                      params: dict | None = None, response_model: type | None = None) -> Any:
+    """get_or_set for asyncio: call_fn may return an awaitable, and no wait blocks the event loop. A stream
+    (an iterator or async iterator, such as AsyncStream) is answered with an async iterator of its chunks."""
+    req = _Req(_redis(client, sync=False), _keys(messages, model, params, response_model), call_fn, ttl,
+               _chores(sync=False), messages, model)
+    req.shape = response_model
+    value = await _aget(req)
+    if value is _MISS:
+        value = await _asingle_flight(req)
+    return _shaped(req, _areplay(value) if isinstance(value, _Stored) else value)
+
+
+async def _aget(req: _Req) -> Any:
+    if req.r is None or _down_until.get(req.r, 0) > time.monotonic():
+        return _MISS
+    try:
+        if req.max_age is None:
+            data = await _acommand(req.r, "HGET", req.keys[0], "v")
+        else:
+            data = _fresh(req, *await _acommand(req.r, "HMGET", req.keys[0], "v", "s"))
+    except _ERRORS as e:
+        _failed(req.r, e)
+        return _MISS
+    return _hit(req, data)
+
+
+async def _acommand(r: Any, *args: Any) -> Any:
+    gate, give_up = _gate(r), time.monotonic() + LOCK_TTL
     while True:
         try:
-            try:  # EVALSHA straight from the client: through redis-py's Script a hit measured 6-10% slower
-                return await io.command("EVALSHA", script.sha, len(keys), *keys, *args)
-            except redis.exceptions.NoScriptError:  # a new or flushed server: EVAL runs the script and caches it
-                return await io.command("EVAL", script.source, len(keys), *keys, *args)
+            async with gate:
+                return await r.execute_command(*args, NEVER_DECODE=True)
         except redis.ConnectionError as e:
-            give_up = give_up or time.monotonic() + LOCK_TTL
-            if not _exhausted(e) or time.monotonic() > give_up:
+            if not _busy(e) or time.monotonic() > give_up:
                 raise
-            await io.sleep(0.002)
+        await asyncio.sleep(0.01)
 
 
-async def _renewal(io: Any, ended: Callable[[float], Awaitable[bool]], token: str) -> None:
-    # python-redis-lock's auto_renewal: the holder's lock outlives any call, and dies with the holder's process.
-    # Not a stream's whose caller has held a chunk for MAX_WAIT, though (its waiters have given up by then): the
-    # iterator may be unreachable but alive, in a traceback, say
-    while not await ended(io.s.lock_ms / 3000) and time.monotonic() - (io.paused or math.inf) < MAX_WAIT:
+async def _ascript(r: Any, script: _Script, keys: list[str], *args: Any) -> Any:
+    try:
+        return await _acommand(r, "EVALSHA", script.sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        return await _acommand(r, "EVAL", script.source, len(keys), *keys, *args)
+
+
+async def _asingle_flight(req: _Req) -> Any:
+    loop = asyncio.get_running_loop()
+    key, mine = (id(req.r), loop, req.keys[0]), loop.create_future()
+    while (flight := _flights.setdefault(key, mine)) is not mine:
+        if _leads(req):  # a child task inherits its context, and so its mark
+            return (await _atrip(req, wait=False))[0]
+        data = await asyncio.shield(flight)  # shielded: a follower cancelled doesn't cancel the others
+        if data is not None:
+            return _hit(req, data)
+    try:
+        value, data = await _atrip(req, wait=True)
+    except BaseException as e:
+        _flights.pop(key, None)
+        if isinstance(e, Exception) and not isinstance(e, _Refused):
+            mine.set_exception(e)
+            mine.exception()  # taken as read: asyncio would log it, when no follower did
+        else:
+            mine.set_result(None)
+        raise
+    _flights.pop(key, None)
+    mine.set_result(data)
+    return value
+
+
+async def _atrip(req: _Req, wait: bool) -> tuple[Any, bytes | None]:
+    if _up(req.r):
         try:
-            if not await _script(io, _RENEW, io.keys[1:3], token, io.s.lock_ms):
-                return  # not the holder (any more): the first answer stored wins
-        except _ERRORS:
-            pass  # Redis is away; if it stays away the lock expires, which costs a duplicate call at most
+            value, data = await _alookup(req, wait)
+            if _down_until.pop(req.r, None):
+                log.warning("llm cache: Redis answers again, caching resumed")
+            if value is not _MISS:
+                return value, data
+        except _ERRORS as e:
+            _failed(req.r, e)
+            req.held = isinstance(e, redis.TimeoutError)
+    return await _acall(req)
 
 
-async def _finish(io: Any, token: str, data: str | bytes, tokens: int,
-                  corrupt: tuple[bytes, ...]) -> tuple[Any, bytes] | None:
-    """Store, release and wake; the answer stored before this one, if there was one."""
+async def _alookup(req: _Req, wait: bool) -> tuple[Any, bytes | None]:
+    req.token, deadline, waiter = secrets.token_hex(8), time.monotonic() + MAX_WAIT, None
+    try:
+        while True:
+            reply = await _ascript(req.r, _LOCK, req.keys[:3], req.token, req.s.lock_ms, req.corrupt)
+            if not isinstance(reply, int):
+                value = _hit(req, reply)
+                if value is not _MISS:
+                    return value, reply
+                continue
+            req.held = reply == 0
+            if req.held or not wait or time.monotonic() >= deadline or _leads(req):
+                return _MISS, None
+            waiter = waiter or _AWaiter(req)
+            if chunks := await waiter.wait(min(reply, (deadline - time.monotonic()) * 1000)):
+                follow = await _aprimed(_afollow(req, waiter, chunks))
+                waiter = None
+                return follow, None
+    except BaseException as e:  # a cancelled task can't await the release: the worker lets go
+        if not isinstance(e, _ERRORS):
+            req.chores.poke(_afinish, req, b"", 0)
+        raise
+    finally:
+        if waiter is not None:
+            await waiter.close()
+
+
+async def _acall(req: _Req) -> tuple[Any, bytes | None]:
+    if req.held:
+        _hold(req)
+    _mark(req)
+    try:
+        result = req.call_fn()
+        if inspect.isawaitable(result):
+            result = await result
+        req.outcome = "miss" if req.token and _up(req.r) else "bypass"
+        if isinstance(result, (Iterator, AsyncIterator)):
+            return await _aprimed(_arelay(req, result)), None
+        req.leading = False
+        value, data = _entry(result)
+    except BaseException:
+        req.leading = False
+        if req.held:  # at once, by the worker: a cancelled task can't await it
+            req.chores.poke(_afinish, req, b"", 0)
+        raise
+    tokens = _tokens(req.messages, req.model, value)
+    if req.held and not _up(req.r):
+        req.chores.poke(_afinish, req, data, tokens)
+    elif req.token and _up(req.r) and (stored := await _asettled(_afinish(req, data, tokens))) is not None:
+        return _decoded(stored), stored
+    return value, data
+
+
+async def _asettled(finishing: Any) -> Any:
+    """A store and release that a cancellation can't stop: in a task of its own."""
+    task = asyncio.ensure_future(finishing)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return await asyncio.shield(task)
+
+
+async def _arelease(req: _Req, data: bytes = b"", tokens: int = 0) -> None:
+    if not (req.held or data and req.token):
+        return
+    if _up(req.r):
+        await _afinish(req, data, tokens)
+    else:
+        req.chores.poke(_afinish, req, data, tokens)
+
+
+async def _afinish(req: _Req, data: bytes, tokens: int) -> bytes | None:
+    req.chores.holds.pop(req, None)
     for again in (True, False):
         try:
-            stored = await _script(io, _FINISH, io.keys, token, data, tokens, io.ttl_ms, io.s.lock_ms,
-                                   io.s.stats_ms, *corrupt)
-            return None if stored is None else (_decoded(stored), stored)
+            return await _ascript(req.r, _FINISH, req.keys, req.token, data, tokens, req.s.ttl_ms, req.s.lock_ms,
+                                  req.s.stats_ms, req.corrupt, int(time.time() * 1000))
         except _ERRORS as e:
-            # dropped during the call (a restart, an idle timeout): once more, as a client's own retry would;
-            # the owner check makes a repeat harmless
-            if again and isinstance(e, redis.ConnectionError) and not _exhausted(e):
-                continue
-            _failed(io.r, e)
-        except (ValueError, RecursionError):  # the first answer is corrupt; the next reader replaces it
-            pass
-        return None
-    return None  # (not reached: the second try returns)
+            if not again or not isinstance(e, redis.ConnectionError) or _busy(e):
+                _failed(req.r, e)
+    return None
 
 
-async def _store(io: Any, token: str, data: str | bytes, tokens: int, corrupt: tuple[bytes, ...],
-                 later: bool) -> tuple[Any, bytes] | None:
-    """_finish, which a cancellation can't stop; in the background if later, else the answer stored first, if
-    another was."""
-    finishing = _finish(io, token, data, tokens, corrupt)
-    if later:
-        io.later(finishing)
-        return None
-    return await io.settle(finishing)
+async def _aprimed(stream: Any) -> Any:
+    await stream.__anext__()
+    return stream
 
 
-async def _count(io: Any, hits: int) -> None:
-    """Counts hits on the entry (statistics, hot window) for callers answered by another caller's trip."""
-    if io.r is not None and _down_until.get(io.r, 0) <= time.monotonic():
-        try:
-            await _script(io, _READ, io.keys, "", *io.s, int(time.time() * 1000), hits)
-        except _ERRORS as e:
-            _failed(io.r, e)
+async def _areplay(chunks: list) -> Any:
+    for chunk in chunks:
+        yield chunk
 
 
-# A streamed answer is stored as one entry: RS (which JSON text never holds), the token of the holder that
-# streamed it, and the JSON list of its chunks. While the holder streams, each chunk is also published to the
-# request's stream, with the holder's token, where its waiters read it live.
-
-class _Stored(list):
-    """A streamed answer's stored chunks, as JSON gives them back, and the token of the holder that streamed them."""
-
-    token = b""
-
-
-class _Live(NamedTuple):
-    """Chunks of its answer that the lock's holder is streaming from the model."""
-
-    chunks: list[tuple[int, bytes, bytes]]  # (index, JSON, the holder's token), as published so far
-    waiter: _Waiter  # the connection that reads the next ones
-
-
-class _Lead(NamedTuple):
-    """The model's stream, for the caller to relay, publish and, when it ends, store and release."""
-
-    source: Iterator | AsyncIterator
-    token: str | None  # the lock's, if the caller may hold it; None when Redis is down
-    corrupt: tuple[bytes, ...]
-    lost: bool  # the lock's reply was lost: the store must not hold the caller up
-    stop: Callable[[], None] | None  # ends the lock's renewal
-
-
-def _decoded(data: str | bytes) -> Any:
-    """An answer from its JSON; a streamed one's chunks as _Stored. ValueError if the JSON is corrupt."""
-    if data[:1] not in (b"\x1e", "\x1e"):
-        return json.loads(data)
-    chunks = json.loads(data[17:])  # after RS and the 16 hex digits of a token
-    if not isinstance(chunks, list):
-        raise ValueError("a stream's entry holds no list of chunks")
-    stored = _Stored(chunks)
-    stored.token = data[1:17] if isinstance(data, bytes) else data[1:17].encode()
-    return stored
-
-
-async def _relay(io: Any, got: _Stored | _Live | _Lead) -> AsyncGenerator[Any, None]:
-    """A streamed answer's chunks: replayed from its entry; live as the lock's holder publishes them; or from
-    the model while holding the lock: published as they come, and stored, and the lock released, at their end."""
-    n, waiter, entry, following = 0, got.waiter if isinstance(got, _Live) else _Waiter(), None, b""
-    mark: tuple | None = None  # the caller's, in _streaming, once it leads
-    texts: list[str] = []  # the model's chunks, as JSON
-    outbox: Any = None  # the chunks to publish, for a thread or task beside the caller
+async def _arelay(req: _Req, source: Iterator | AsyncIterator) -> Any:
+    chunks: list = []
+    publish, entry, tokens = req.held and _up(req.r), b"", 0
     try:
-        if isinstance(got, _Lead):  # now, so that the caller, asking again before it reads, doesn't wait for itself
-            mark = _leading(io)
-        io.paused = time.monotonic()
-        yield None  # primed: from here, closing the iterator or dropping it runs the finally block
-        io.paused = None
-        while isinstance(got, _Live):
-            for index, data, holder in got.chunks:
-                if n and holder != following:  # a new holder's (the last one's died): no chunk of it follows on
-                    _interrupted()
-                if index != n:  # a repeat (a publish retried), or one the caller can't have yet
-                    continue
-                yield json.loads(data)
-                n, following = n + 1, holder
-                io.call_fn = _interrupted  # the caller holds chunks of this answer: the model can't finish it
-            # the next chunks; after the release, or a wait with none, the entry or the lock tells what happened
-            chunks = [] if waiter.released else await waiter.wait(io, io.s.lock_ms)
-            got = _Live(chunks, waiter) if chunks else (await _trip(io, time.monotonic() + MAX_WAIT, waiter))[0]
-        if isinstance(got, _Stored):
-            if n and got.token != following:  # another holder's answer, stored first
-                _interrupted()
-            for value in got[n:]:
-                yield value
-            return
-        if not isinstance(got, _Lead):
-            raise TypeError(f"call_fn returned a stream for this request before, and now a {type(got).__name__}")
-        mark = mark or _leading(io)  # (a follower that now leads)
-        if got.token is not None and _down_until.get(io.r, 0) <= time.monotonic():
-            outbox = io.publisher(got.token)  # beside the caller, which gets each chunk at once
-        while (chunk := await io.next(got.source)) is not _MISS:
-            value, text = _json(chunk, what="call_fn's stream gave")
-            if outbox is not None:
-                outbox.put_nowait((len(texts), text))
-            texts.append(text)  # type: ignore[arg-type]
-            io.paused = time.monotonic()
+        req.paused = time.monotonic()
+        yield None
+        while (chunk := await anext(source, _MISS) if isinstance(source, AsyncIterator) else next(source, _MISS)
+               ) is not _MISS:
+            value = _taken(req, chunks, chunk)
+            if publish:
+                req.chores.poke(_apublish, req)
+            req.paused = time.monotonic()
             yield value
-            io.paused = None
-        entry = f"\x1e{got.token}[{','.join(texts)}]"
-    finally:  # also when the stream failed or its caller stopped: the lock is released at once, the waiters told
-        await waiter.close(io)
-        if outbox is not None:
-            outbox.put_nowait(None)  # the publisher's last batch: what it has, and no more
-        if mark is not None and (left := _streaming.pop(mark, 1) - 1):  # (it may lead another, asking again)
-            _streaming[mark] = left
-        if isinstance(got, _Lead):
-            await _ended(io, got, entry)
+            req.paused = None
+        entry, tokens = _stream_entry(req, chunks)
+    except (GeneratorExit, asyncio.CancelledError):  # a cancelled or closed task can't await it: the worker lets go
+        if req.held:
+            req.chores.poke(_afinish, req, b"", 0)
+            req.held = False
+        raise
+    finally:
+        req.leading = False
+        await _arelease(req, entry, tokens)
+        close = getattr(source, "aclose", None) or getattr(source, "close", None)
+        if not entry and close is not None and inspect.isawaitable(closing := close()):
+            await closing
 
 
-async def _ended(io: Any, lead: _Lead, entry: str | None) -> None:
-    """Stores a stream that ended (entry) and releases the lock; or, if it broke off, releases the lock and
-    closes the model's stream. Chunks still being published then are refused: the lock is no longer theirs."""
-    if lead.stop is not None:
-        lead.stop()
+async def _afollow(req: _Req, waiter: _AWaiter, chunks: list) -> Any:
+    n, holder, entry = 0, b"", None
     try:
-        if lead.token is not None:  # a store after Redis failed must not cost another timeout
-            tokens = _tokens(io.messages, io.model, _decoded(entry)) if entry else 0
-            await _store(io, lead.token, entry or "", tokens, lead.corrupt,
-                         lead.lost or _down_until.get(io.r, 0) > time.monotonic())
-    finally:  # (also when a cancellation is delivered again during the store)
-        close = getattr(lead.source, "aclose", None) or getattr(lead.source, "close", None)
-        if entry is None and close is not None and inspect.isawaitable(closing := close()):
-            await closing  # the model's stream, stopped early: its connection goes back to its pool
+        yield None
+        while True:
+            for index, data, owner in chunks:
+                if n and owner != holder:
+                    _interrupted()
+                if index == n:
+                    yield json.loads(data)
+                    n, holder = n + 1, owner
+            chunks = [] if waiter.released else await waiter.wait(req.s.lock_ms)
+            if not chunks:
+                waiter.released = False
+                entry, lock = await _apeek(req, n)
+                if entry is not None or lock is None or n and lock != holder:
+                    break
+    finally:
+        await waiter.close()
+    rest: Any = _ending(req, entry, n, holder)
+    if rest is None:
+        rest = (await _atrip(req, wait=True))[0]
+        if not isinstance(rest, (AsyncIterator, list)):
+            raise TypeError(f"call_fn returned a stream for this request before, and now a {type(rest).__name__}")
+    async for chunk in _areplay(rest) if isinstance(rest, list) else rest:
+        yield chunk
 
 
-async def _publisher(io: Any, outbox: Any, token: str) -> None:
-    """Publishes a leader's chunks, in order, in batches of those waiting, until None: none after the lock was
-    lost or Redis failed (then the waiters read the entry)."""
+async def _apeek(req: _Req, n: int) -> tuple[bytes | None, bytes | None]:
+    give_up = time.monotonic() + (req.s.lock_ms / 1000 if n else 0)
     while True:
-        batch = [await io.get(outbox)]
-        while not outbox.empty():
-            batch.append(outbox.get_nowait())
-        last = None in batch
-        batch = batch[:batch.index(None)] if last else batch
         try:
-            if batch and not await _script(io, _PUBLISH, io.keys[1:3], token, io.s.lock_ms, batch[0][0],
-                                           *(text for _, text in batch)):
-                return
-        except Exception as e:  # beside the caller, nothing may raise: a closed client, say
-            if isinstance(e, _ERRORS):
-                _failed(io.r, e)
-            return
-        if last:
-            return
+            lock = await _acommand(req.r, "GET", req.keys[1])
+            return await _acommand(req.r, "HGET", req.keys[0], "v"), lock
+        except _ERRORS:
+            if time.monotonic() >= give_up:
+                return None, None
+        await asyncio.sleep(0.05)
 
 
-def _mark(io: Any) -> tuple:
-    """The caller, in _streaming: its request, and its thread, or its loop and task (a weak reference: a task
-    holds the stream it returns). Through any client: its own lock is in the way on each."""
-    if io.scope == "threads":
-        return io.keys[0], threading.get_ident()
-    task = asyncio.current_task()
-    return io.keys[0], id(io.scope), task and weakref.ref(task)
-
-
-def _leading(io: Any) -> tuple:
-    """Counts the caller as leading a stream of the request, until _relay's end takes it back; its mark."""
-    mark = _mark(io)
-    _streaming[mark] = _streaming.get(mark, 0) + 1
-    return mark
-
-
-def _interrupted() -> Any:
-    raise StreamInterrupted("the caller streaming this answer from the model failed or stopped, after some of its "
-                            "chunks were handed out here; ask again for the whole answer")
-
-
-class _Chunks:
-    """get_or_set's answer to a stream: an iterator of its chunks, which _relay gives."""
-
-    def __init__(self, relay: AsyncGenerator) -> None:
-        self._relay, hooks = relay, sys.get_asyncgen_hooks()
-        sys.set_asyncgen_hooks(None, None)  # closed when dropped, not by an event loop this thread may run
+class _AWaiter(_Waiter):
+    async def wait(self, ms: float) -> list[tuple[int, bytes, bytes]]:  # type: ignore[override]
+        if self.conn is None:
+            await asyncio.sleep(min(ms, 50) / 1000)
+            return []
         try:
-            _now(relay.__anext__())  # primed, so that dropping it unread closes it: a lock it holds is released
-        finally:
-            sys.set_asyncgen_hooks(*hooks)
+            await self.conn.send_command(*self.xread(ms))
+            return self.chunks(await self.conn.read_response(disable_decoding=True))
+        except _ERRORS as e:
+            await self.conn.disconnect()
+            if not isinstance(e, redis.TimeoutError):
+                await asyncio.sleep(min(ms, 50) / 1000)
+            return []
 
-    def __iter__(self) -> _Chunks:
+    async def close(self) -> None:  # type: ignore[override]
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            self.slots.release()
+            await conn.disconnect()
+
+
+# ---------------------------------------------------------------- the HTTP layer: OpenAI(http_client=http_client())
+
+def http_client(*, client: Any = None, ttl: float | None = None, library: Any = None, **kwargs: Any) -> Any:
+    """An httpx2 Client (httpx's, where httpx2 is not installed or library says so) whose transport answers LLM calls
+    from Redis: OpenAI(http_client=cache.http_client()). The other keyword arguments go to httpx."""
+    lib = library or _httpx()
+    inner = {name: kwargs.pop(name) for name in _TRANSPORT_ARGS if name in kwargs}  # a transport ignores the client's
+    return lib.Client(transport=Transport(lib.HTTPTransport(**inner), client=client, ttl=ttl), **kwargs)
+
+
+def async_http_client(*, client: Any = None, ttl: float | None = None, library: Any = None, **kwargs: Any) -> Any:
+    """http_client for asyncio: an AsyncClient, for AsyncOpenAI(http_client=...) and the like."""
+    lib = library or _httpx()
+    inner = {name: kwargs.pop(name) for name in _TRANSPORT_ARGS if name in kwargs}
+    return lib.AsyncClient(transport=AsyncTransport(lib.AsyncHTTPTransport(**inner), client=client, ttl=ttl), **kwargs)
+
+
+def _httpx() -> Any:
+    try:
+        import httpx2  # what openai 3 and anthropic 2 are built on
+
+        return httpx2
+    except ImportError:
+        import httpx
+
+        return httpx
+
+
+_TRANSPORT_ARGS = ("verify", "cert", "http1", "http2", "limits", "proxy", "retries")
+
+
+class Transport:
+    """An httpx or httpx2 transport (each request says which) that answers LLM calls from Redis: POSTs of JSON to
+    GENERATION_PATHS, keyed on the endpoint and the body, in one flight for the fleet. The rest goes to wrapped."""
+
+    def __init__(self, wrapped: Any = None, *, client: Any = None, ttl: float | None = None) -> None:
+        self.wrapped, self.client, self.ttl = wrapped, client, ttl
+        self.own: dict[Any, Any] = {}  # without wrapped, a transport of each library its requests come from
+
+    def __enter__(self) -> Transport:
         return self
 
-    def __next__(self) -> Any:
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _wrapped(self, lib: Any, kind: str) -> Any:
+        if self.wrapped is None and lib not in self.own:
+            self.own[lib] = getattr(lib, kind)()  # (a transport costs an SSL context: made once)
+        return self.wrapped or self.own[lib]
+
+    def handle_request(self, request: Any) -> Any:
+        lib = sys.modules[type(request).__module__.partition(".")[0]]
+        wrapped = self._wrapped(lib, "HTTPTransport")
+        req = _http_req(request, _redis(self.client), self.ttl, _SYNC,
+                        lambda sse: _forward(wrapped.handle_request(request), sse))
+        if req is None:
+            return _tagged(wrapped.handle_request(request), "bypass")
         try:
-            return _now(self._relay.__anext__())
-        except StopAsyncIteration:
-            raise StopIteration from None
+            value = _get(req)
+            if value is _MISS:
+                value = _single_flight(req)
+        except _Refused as refused:
+            return refused.response(lib)
+        return _response(lib, iter(value) if isinstance(value, _Stored) else value, req.outcome)
 
     def close(self) -> None:
-        _now(self._relay.aclose())
+        for wrapped in filter(None, [self.wrapped, *self.own.values()]):
+            wrapped.close()
 
 
-class _Io:
-    """One call: its client, call_fn and request, in the units Redis takes; a subclass does the flow's I/O."""
+class AsyncTransport(Transport):
+    """Transport for an AsyncClient."""
 
-    paused: float | None = None  # since when a stream's caller has held its last chunk
+    async def __aenter__(self) -> AsyncTransport:
+        return self
 
-    def __init__(self, r: Any, call_fn: Callable[[], Any], keys: list[str], messages: list, model: str,
-                 ttl_ms: int, s: _Settings) -> None:
-        self.r, self.call_fn, self.keys, self.messages, self.model, self.ttl_ms, self.s = (
-            r, call_fn, keys, messages, model, ttl_ms, s)
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
-
-class _Blocking(_Io):
-    """The flow's I/O for get_or_set: blocking sockets, and threads for what runs beside the caller."""
-
-    scope = "threads"  # whose callers may share a flight (a client is None for every path when REDIS_URL is bad)
-    streams = (Iterator,)  # what call_fn may return as a stream
-
-    async def command(self, *args: Any) -> Any:
-        return self.r.execute_command(*args, NEVER_DECODE=True)
-
-    async def xread(self, conn: Any, *args: Any) -> Any:
-        conn.send_command(*args)
-        return conn.read_response(disable_decoding=True)
-
-    async def close(self, conn: Any) -> None:
-        conn.disconnect()
-
-    async def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-    async def join(self, flight: _Flight) -> bool:
-        if not flight.ended.acquire(timeout=MAX_WAIT):  # type: ignore[union-attr]
-            return False
-        flight.ended.release()  # type: ignore[union-attr]
-        return True
-
-    def renew(self, token: str) -> Callable[[], None]:
-        """Renews the lock, from a thread, until the function returned is called."""
-        done = threading.Event()
-
-        async def ended(seconds: float) -> bool:
-            return done.wait(seconds)
-
-        renewal = _renewal(self, ended, token)
-        if not _start(_now, renewal):  # no thread to be had (at interpreter shutdown, say)
-            renewal.close()
-        return done.set
-
-    async def call(self) -> Any:
-        return self.call_fn()
-
-    async def next(self, stream: Iterator) -> Any:
-        return next(stream, _MISS)
-
-    def publisher(self, token: str) -> queue.SimpleQueue | None:
-        """A queue whose chunks a thread publishes."""
-        outbox: queue.SimpleQueue = queue.SimpleQueue()
-        publisher = _publisher(self, outbox, token)
-        if not _start(_now, publisher):  # no thread to be had: then the waiters read the entry
-            publisher.close()
-            return None
-        return outbox
-
-    async def get(self, outbox: queue.SimpleQueue) -> Any:
-        return outbox.get()
-
-    def later(self, coroutine: Coroutine) -> None:
-        if not _start(_now, coroutine):
-            _now(coroutine)
-
-    async def settle(self, coroutine: Coroutine) -> Any:
-        return await coroutine
-
-
-class _Async(_Io):
-    """The flow's I/O for aget_or_set: redis.asyncio, and tasks for what runs beside the caller."""
-
-    streams = (Iterator, AsyncIterator)
-
-    def __init__(self, *call: Any) -> None:
-        super().__init__(*call)
-        self.scope = asyncio.get_running_loop()
-
-    async def command(self, *args: Any) -> Any:
-        return await self.r.execute_command(*args, NEVER_DECODE=True)
-
-    async def xread(self, conn: Any, *args: Any) -> Any:
-        await conn.send_command(*args)
-        return await conn.read_response(disable_decoding=True)
-
-    async def close(self, conn: Any) -> None:
-        await conn.disconnect()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-    async def join(self, flight: _Flight) -> bool:
+    async def handle_async_request(self, request: Any) -> Any:
+        lib = sys.modules[type(request).__module__.partition(".")[0]]
+        wrapped = self._wrapped(lib, "AsyncHTTPTransport")
+        req = _http_req(request, _redis(self.client, sync=False), self.ttl, _chores(sync=False),
+                        lambda sse: _aforward(wrapped, request, sse))
+        if req is None:
+            return _tagged(await wrapped.handle_async_request(request), "bypass")
         try:
-            await asyncio.wait_for(asyncio.shield(flight.ended), MAX_WAIT)  # type: ignore[arg-type]
-            return True
-        except asyncio.TimeoutError:
-            return False
+            value = await _aget(req)
+            if value is _MISS:
+                value = await _asingle_flight(req)
+        except _Refused as refused:
+            return refused.response(lib)
+        return _response(lib, _areplay(value) if isinstance(value, _Stored) else value, req.outcome)
 
-    def renew(self, token: str) -> Callable[[], None]:
-        """Renews the lock, from a task, until the function returned is called."""
-        done = asyncio.Event()
-
-        async def ended(seconds: float) -> bool:
-            try:
-                return await asyncio.wait_for(done.wait(), seconds)
-            except asyncio.TimeoutError:
-                return False
-
-        self.later(_renewal(self, ended, token))
-        return done.set
-
-    async def call(self) -> Any:
-        result = self.call_fn()
-        return await result if inspect.isawaitable(result) else result
-
-    async def next(self, stream: Iterator | AsyncIterator) -> Any:
-        return await anext(stream, _MISS) if isinstance(stream, AsyncIterator) else next(stream, _MISS)
-
-    def publisher(self, token: str) -> asyncio.Queue:
-        """A queue whose chunks a task publishes."""
-        outbox: asyncio.Queue = asyncio.Queue()
-        self.later(_publisher(self, outbox, token))
-        return outbox
-
-    async def get(self, outbox: asyncio.Queue) -> Any:
-        return await outbox.get()
-
-    def later(self, coroutine: Coroutine) -> asyncio.Task:
-        task = asyncio.ensure_future(coroutine)
-        _tasks.add(task)
-        task.add_done_callback(_tasks.discard)
-        return task
-
-    async def settle(self, coroutine: Coroutine) -> Any:  # a store and release that a cancellation can't stop
-        return await asyncio.shield(self.later(coroutine))
+    async def aclose(self) -> None:
+        for wrapped in filter(None, [self.wrapped, *self.own.values()]):
+            await wrapped.aclose()
 
 
-def _now(coroutine: Coroutine) -> Any:
-    """Runs to its end a coroutine that never suspends: the flow on blocking I/O."""
+def _http_req(request: Any, r: Any, ttl: Any, chores: _Chores, forward: Callable[[bool], Any]) -> _Req | None:
+    """The cache's view of an HTTP request; None if it is not to be answered from the cache: no POST of a JSON object
+    to a generation endpoint, or Cache-Control: no-store. The key holds no header but VERSION_HEADERS."""
+    url, headers = request.url, dict(request.headers.items())  # (names in lower case)
+    control = _directives(headers.get("cache-control", ""))
+    if (request.method != "POST" or not url.path.endswith(GENERATION_PATHS) or "/threads/" in url.path
+            or "no-store" in control or "json" not in headers.get("content-type", "")):
+        return None
     try:
-        coroutine.send(None)
-    except StopIteration as end:
-        return end.value
-    coroutine.close()
-    raise RuntimeError("the flow suspended on blocking I/O")
+        body = json.loads(request.content)
+    except Exception:  # no JSON; or a streamed body, not read (RequestNotRead): not the cache's to buffer
+        return None
+    if not isinstance(body, dict) or "conversation" in body:  # a Responses conversation: server state, not the key
+        return None
+    versions = {name: headers[name] for name in VERSION_HEADERS if name in headers}
+    fields = {name: value for name, value in body.items() if name not in IGNORED_FIELDS}
+    key = _canonical([request.method, url.scheme, url.host, url.port, url.path, url.query.decode(), versions, fields])
+    messages = body.get("messages")
+    messages = messages if isinstance(messages, list) and all(isinstance(m, dict) for m in messages) else []
+    sse = body.get("stream") is True  # as the SDKs decide it: by the request, whatever the answer's content-type
+    req = _Req(r, _digest(key), lambda: forward(sse), ttl, chores, messages, str(body.get("model") or "-"))
+    req.sse = sse
+    age = "0" if "no-cache" in control else control.get("max-age", "")
+    req.max_age = int(age) * 1000 if age.isdigit() else None
+    return req
 
 
-def _start(target: Callable, *args: Any) -> bool:
+def _directives(header: str) -> dict[str, str]:
+    """Cache-Control's directives: no-store, no-cache, max-age=N."""
+    return dict(part.strip().partition("=")[::2] for part in header.lower().split(","))
+
+
+class _Refused(Exception):
+    """A model's HTTP answer that is not cached (an error): each caller that shares it gets a response of its own,
+    from which its SDK raises its own error."""
+
+    def __init__(self, response: Any) -> None:
+        super().__init__(response.status_code)
+        self.status, self.content = response.status_code, response.content
+        self.headers = [(name, value) for name, value in response.headers.multi_items()
+                        if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+
+    def response(self, lib: Any) -> Any:
+        return lib.Response(self.status, headers=[*self.headers, ("x-llm-cache", "bypass")], content=self.content)
+
+
+def _forward(response: Any, sse: bool) -> Any:
+    """The model's HTTP answer, for the cache: an _Http to store, or an SSE stream's text to relay."""
+    if response.status_code // 100 != 2:
+        response.read()
+        raise _Refused(response)
+    if sse or response.headers.get("content-type", "").startswith("text/event-stream"):
+        return _sse(response)
+    response.read()
+    return _Http(response.status_code, response.headers.get("content-type", ""), response.content)
+
+
+def _sse(response: Any) -> Iterator[str]:
     try:
-        threading.Thread(target=target, args=args, daemon=True).start()
-        return True
-    except RuntimeError:  # no thread to be had (at interpreter shutdown, say): do without
-        return False
+        for part in response.iter_bytes():
+            yield part.decode("utf-8", "surrogateescape")  # a character split between parts survives the round trip
+    finally:
+        response.close()
 
+
+async def _aforward(wrapped: Any, request: Any, sse: bool) -> Any:
+    response = await wrapped.handle_async_request(request)
+    if response.status_code // 100 != 2:
+        await response.aread()
+        raise _Refused(response)
+    if sse or response.headers.get("content-type", "").startswith("text/event-stream"):
+        return _asse(response)
+    await response.aread()
+    return _Http(response.status_code, response.headers.get("content-type", ""), response.content)
+
+
+async def _asse(response: Any) -> Any:
+    try:
+        async for part in response.aiter_bytes():
+            yield part.decode("utf-8", "surrogateescape")
+    finally:
+        await response.aclose()
+
+
+def _tagged(response: Any, outcome: str) -> Any:
+    response.headers["x-llm-cache"] = outcome
+    return response
+
+
+def _response(lib: Any, value: Any, outcome: str) -> Any:
+    """The SDK's response: a stored answer's status, content-type and body; a stream's chunks as they come."""
+    if isinstance(value, _Http):
+        return lib.Response(value.status, headers={"content-type": value.type, "x-llm-cache": outcome},
+                            content=value.body)
+    return lib.Response(200, headers={"content-type": "text/event-stream", "x-llm-cache": outcome},
+                        stream=_body(lib)(value))
+
+
+class _Body:
+    """A streamed answer's body, as its chunks come. Closed once its last event is in, it reads the little that is
+    left, so that the answer is stored: the openai SDK stops reading at data: [DONE]."""
+
+    def __init__(self, chunks: Any) -> None:
+        self.chunks, self.last = chunks, ""  # the end of what was handed out: the last event may span parts
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.chunks:
+            self.last = (self.last + chunk)[-512:]
+            yield chunk.encode("utf-8", "surrogateescape")
+
+    async def __aiter__(self) -> Any:
+        async for chunk in self.chunks:
+            self.last = (self.last + chunk)[-512:]
+            yield chunk.encode("utf-8", "surrogateescape")
+
+    def close(self) -> None:
+        if _ENDING.search(self.last):
+            for _ in self.chunks:
+                pass
+        getattr(self.chunks, "close", lambda: None)()
+
+    async def aclose(self) -> None:
+        if _ENDING.search(self.last):
+            async for _ in self.chunks:
+                pass
+        await self.chunks.aclose()
+
+
+@functools.cache
+def _body(lib: Any) -> type:
+    """_Body, as a byte stream of lib's: an httpx2 client takes no httpx one."""
+    return type("Body", (_Body, lib.SyncByteStream, lib.AsyncByteStream), {})
+
+
+# ---------------------------------------------------------------- stats
 
 def stats(client: redis.Redis | redis.RedisCluster | None = None) -> dict[str, float]:
-    """Hits, misses, hit_rate and tokens_saved under the current PREFIX. Redis errors are raised here."""
-    return _totals(_shards(_redis(client)).execute())
+    """Hits, misses, hit_rate and tokens_saved under the current PREFIX, after this process's counts are sent.
+    Redis errors are raised here."""
+    pipe = _shards(_redis(client, sync=True))
+    _run_chores(_SYNC, flush=True)
+    concurrent.futures.wait(_flush_loops(), timeout=5)  # (a loop that is stuck keeps its counts)
+    return _totals(pipe.execute())
 
 
 async def astats(client: redis.asyncio.Redis | redis.asyncio.RedisCluster | None = None) -> dict[str, float]:
     """stats for asyncio."""
-    return _totals(await _shards(_redis(client, sync=False)).execute())
+    pipe = _shards(_redis(client, sync=False))
+    await _arun_chores(_chores(sync=False), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, _run_chores, _SYNC, True)  # (blocking I/O: not here)
+    if flushes := [asyncio.wrap_future(done) for done in _flush_loops()]:
+        await asyncio.wait(flushes, timeout=5)
+    return _totals(await pipe.execute())
+
+
+def _flush_loops() -> list[concurrent.futures.Future]:
+    """The flushes of the other running event loops' counts, each on its own loop (their clients are theirs)."""
+    try:
+        mine = asyncio.get_running_loop()
+    except RuntimeError:
+        mine = None
+    return [asyncio.run_coroutine_threadsafe(_arun_chores(chores, flush=True), loop)
+            for loop, chores in list(_loop_chores.items()) if loop is not mine and loop.is_running()]
 
 
 def _shards(r: Any) -> Any:
@@ -1076,7 +1733,7 @@ def _shards(r: Any) -> Any:
         raise ValueError("REDIS_URL is not a Redis URL (redis://, rediss:// or unix://)")
     pipe = r.pipeline(transaction=False)
     for tag in range(256):
-        pipe.hgetall(_tag(f"{tag:02x}") + "stats")
+        pipe.hgetall(f"{PREFIX}{{{tag:02x}}}stats")
     return pipe
 
 
