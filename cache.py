@@ -572,9 +572,10 @@ def _chores(sync: bool) -> _Chores:
         return _SYNC
     loop = asyncio.get_running_loop()
     chores = _loop_chores.get(loop)
+    if chores is None or len(_loop_chores) > 1:  # closed loops' go: they would hold their loop and clients alive
+        for closed in [old for old in list(_loop_chores) if old.is_closed()]:
+            _loop_chores.pop(closed, None)
     if chores is None:
-        for closed in [old for old in _loop_chores if old.is_closed()]:  # they would hold their loop alive
-            del _loop_chores[closed]
         chores = _loop_chores[loop] = _Chores(sync=False)
     return chores
 
@@ -1322,10 +1323,14 @@ async def _acall(req: _Req) -> tuple[Any, bytes | None]:
             return await _aprimed(_arelay(req, result)), None
         req.leading = False
         value, data = _entry(result)
+    except asyncio.CancelledError:  # a cancelled task can't await the release: the worker lets go, at once
+        req.leading = False
+        if req.held:
+            req.chores.poke(_afinish, req, b"", 0)
+        raise
     except BaseException:
         req.leading = False
-        if req.held:  # at once, by the worker: a cancelled task can't await it
-            req.chores.poke(_afinish, req, b"", 0)
+        await _arelease(req)  # before the error reaches the caller, so that the next caller need not wait
         raise
     tokens = _tokens(req.messages, req.model, value)
     if req.held and not _up(req.r):

@@ -10,13 +10,11 @@ import hashlib
 import json
 import logging
 import math
-import multiprocessing
 import os
 import pathlib
 import queue
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,10 +22,8 @@ import tempfile
 import threading
 import time
 import traceback
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import fakeredis
 import openai
 import pydantic
 import pytest
@@ -40,226 +36,29 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from redis.crc import key_slot
 
 import cache
-
-MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Capital of France?"}]
-ANSWER = {"choices": [{"message": {"role": "assistant", "content": "Paris."}}], "usage": {"total_tokens": 23}}
-FORK = multiprocessing.get_context("fork")
-
-
-# ---------------------------------------------------------------- real servers the tests own
-
-def _need(reason: str) -> None:
-    if os.environ.get("REQUIRE_REAL_REDIS") == "1":
-        pytest.fail(f"REQUIRE_REAL_REDIS=1 but {reason}")
-    pytest.skip(reason)
-
-
-def _free_port(bus: bool = False) -> int:
-    """A free port; with bus, one whose cluster bus port (port + 10000) is a free port too."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not bus:
-            return port
-        if port + 10000 <= 65535:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 10000))
-                    return port
-                except OSError:
-                    pass
-
-
-class Server:
-    """A redis-server on a free port in its own directory, which a test may kill, freeze or restart."""
-
-    def __init__(self, directory: pathlib.Path, *options: str):
-        if shutil.which("redis-server") is None:
-            _need("no redis-server on PATH")
-        self.port, self.dir, self.options = _free_port(bus="--cluster-enabled" in options), directory, options
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.dir), *self.options],
-                                     stdout=subprocess.DEVNULL)
-        for _ in range(200):
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
-                        return
-            except OSError:
-                time.sleep(0.025)
-        self.kill()
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def freeze(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-
-    def client(self, **kw) -> redis.Redis:
-        return redis.Redis(port=self.port, **kw)
-
-
-@pytest.fixture(scope="session")
-def real_url(tmp_path_factory):
-    """TEST_REDIS_URL; else a redis-server from PATH; else a testcontainers Redis; else skip (or fail)."""
-    if os.environ.get("TEST_REDIS_URL"):
-        yield os.environ["TEST_REDIS_URL"]
-        return
-    if shutil.which("redis-server"):
-        server = Server(tmp_path_factory.mktemp("redis"))
-        yield server.url
-        server.kill()
-        return
-    try:
-        from testcontainers.redis import RedisContainer
-
-        container = RedisContainer("redis:7").start()
-    except Exception as e:  # no testcontainers, or no Docker engine answering
-        _need(f"no real Redis: no TEST_REDIS_URL, no redis-server on PATH, no container ({e!r:.100})")
-    yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
-    container.stop()
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A server of this test's own, for faults no shared server may suffer."""
-    s = Server(tmp_path)
-    yield s
-    s.thaw()
-    s.kill()
-
-
-@pytest.fixture(params=["fakeredis", "fakeredis-decoded", "real", "real-decoded"])
-def client(request):
-    decoded = request.param.endswith("decoded")
-    if request.param.startswith("fakeredis"):
-        c = fakeredis.FakeRedis(decode_responses=decoded)
-    else:
-        c = redis.Redis.from_url(request.getfixturevalue("real_url"), decode_responses=decoded)
-    yield c
-    c.close()
-
-
-@pytest.fixture(autouse=True)
-def fresh_prefix(monkeypatch):
-    """Every test writes under a prefix of its own, so no test flushes or sees another's keys."""
-    monkeypatch.setattr(cache, "PREFIX", f"test:{uuid.uuid4().hex[:12]}:")
-
-
-def small_encoding(name, merges=()):
-    """A tiktoken encoding built here: every byte a token, plus the given merges. No file, no download."""
-    ranks = {bytes([b]): b for b in range(256)} | {m: 256 + i for i, m in enumerate(merges)}
-    return tiktoken.Encoding(name, pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={})
-
-
-BYTES = small_encoding("bytes")  # a token per byte
-PAIRS = small_encoding("pairs", [bytes([a, b]) for a in range(97, 123) for b in range(97, 123)])  # and per two letters
-
-
-@pytest.fixture(autouse=True)
-def encodings(monkeypatch):
-    """tiktoken's encodings at hand in every test, as small ones of the tests' own: no test loads or downloads one."""
-    monkeypatch.setattr(cache, "_encodings", {"cl100k_base": BYTES, "o200k_base": PAIRS})
-    monkeypatch.setattr(cache, "_loads", {})
-
-
-class Loop:
-    """An event loop in a thread of its own: sync test code awaits on it, from any number of threads."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coroutine, timeout=60):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
-
-
-def async_twin(c):
-    """An asyncio client of the server that the sync client c talks to, with c's decoding and timeouts."""
-    if isinstance(c, redis.RedisCluster):
-        node = c.get_default_node()
-        return redis.asyncio.RedisCluster(host=node.host, port=node.port)
-    kw = c.connection_pool.connection_kwargs
-    if c.connection_pool.connection_class.__module__.startswith("fakeredis"):
-        return fakeredis.FakeAsyncRedis(host=kw["host"], port=kw["port"], decode_responses=kw["decode_responses"])
-    names = ("host", "port", "db", "username", "password", "decode_responses", "socket_timeout",
-             "socket_connect_timeout")
-    retry = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
-    return redis.asyncio.Redis(**{name: kw[name] for name in names if name in kw}, retry=retry)
-
-
-@pytest.fixture(params=["sync", "async"])
-def ask(request):
-    """get_or_set; or aget_or_set with an awaitable call_fn, run on an event loop, and given the asyncio twin of
-    the client passed: one test body for both paths. ask.stats is stats or astats the same way; ask.next,
-    ask.read and ask.close take the next chunk of a stream, the rest of it, or close it."""
-    if request.param == "sync":
-        def ask(*args, **kw):
-            return cache.get_or_set(*args, **kw)
-
-        ask.stats, ask.next, ask.read, ask.close = cache.stats, next, list, lambda stream: stream.close()
-        yield ask
-        return
-    loop, twins = Loop(), {}
-
-    def twin(client):
-        return None if client is None else twins.setdefault(id(client), (client, async_twin(client)))[1]
-
-    def ask(messages, model, call_fn, ttl=None, *, client=None, params=None):
-        async def awaitable():
-            return call_fn()
-
-        wrapped = awaitable if callable(call_fn) and not cache._needs_arguments(call_fn) else call_fn
-        return loop.run(cache.aget_or_set(messages, model, wrapped, ttl, client=twin(client), params=params))
-
-    async def read(stream):
-        return [chunk async for chunk in stream]
-
-    ask.stats = lambda client=None: loop.run(cache.astats(client=twin(client)))
-    ask.next = lambda stream: loop.run(stream.__anext__())
-    ask.read = lambda stream: loop.run(read(stream))
-    ask.close = lambda stream: loop.run(stream.aclose())
-    yield ask
-    for _, c in twins.values():
-        loop.run(c.aclose())
-    loop.close()
+from conftest import (
+    ANSWER,
+    BYTES,
+    FORK,
+    MSGS,
+    PAIRS,
+    Loop,
+    Server,
+    _free_port,
+    _in_threads,
+    _need,
+    _until,
+    async_twin,
+    counting,
+    elsewhere,
+    thread_with_ident,
+    twin,
+)
 
 
 def run_script(r, script, keys, *args):
     """One of cache.py's scripts, run on a sync client as the module runs it."""
-    return cache._now(cache._script(cache._Blocking(r, None, keys, [], "", 0, None), script, keys, *args))
-
-
-def elsewhere(fn):
-    """fn(), called from another thread: a caller other than this thread."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(fn).result(timeout=60)
-
-
-def counting(value=ANSWER):
-    """A call_fn that returns value and records each call."""
-    def call_fn():
-        call_fn.calls += 1
-        return value
-    call_fn.calls = 0
-    return call_fn
+    return cache._script(r, script, keys, *args)
 
 
 # ---------------------------------------------------------------- keys
@@ -379,15 +178,19 @@ def test_hits_are_counted_and_hot_entries_slide_to_hot_ttl(ask, client, monkeypa
     monkeypatch.setattr(cache, "HOT_TTL", 1000)
     entry = cache._keys(MSGS, "m", None)[0]
     ask(MSGS, "m", counting(), ttl=100, client=client)
+    ask.stats(client=client)  # (hits are sent by the process's worker: stats sends them now)
     assert _window_hits(client, entry) is None  # a miss is not a hit
     for n in (1, 2):
         ask(MSGS, "m", counting(), ttl=100, client=client)
+        ask.stats(client=client)
         assert _window_hits(client, entry) == n
         assert 90 < client.ttl(entry) <= 100  # below the threshold a hit leaves the TTL alone
     ask(MSGS, "m", counting(), ttl=100, client=client)
+    ask.stats(client=client)
     assert 990 < client.ttl(entry) <= 1000  # the threshold-th hit makes it hot
     client.expire(entry, 500)  # time passes
     ask(MSGS, "m", counting(), ttl=100, client=client)
+    ask.stats(client=client)
     assert 990 < client.ttl(entry) <= 1000  # sliding: every hot hit extends it from now
     assert _window_hits(client, entry) == 4
     assert ask.stats(client=client)["hits"] == 4
@@ -403,6 +206,7 @@ def test_only_hits_within_the_hot_window_make_an_entry_hot(ask, client, monkeypa
     for _ in range(5):  # five hits, each `gap` after the last: wider than a 50 ms window, or inside a minute
         time.sleep(gap)
         ask(MSGS, "m", counting(), ttl=100, client=client)
+        ask.stats(client=client)  # each sent on its own, as a worker's flush a second apart would send them
     assert (client.ttl(entry) > 100) is hot
     assert _window_hits(client, entry) == (5 if hot else 1)  # each spread hit opens a window of its own
 
@@ -414,6 +218,7 @@ def test_a_float_hot_ttl_works(client, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="cache"):
         for _ in range(3):
             assert cache.get_or_set(MSGS, "m", call_fn, ttl=100, client=client) == ANSWER
+        cache.stats(client=client)  # sends the hits, which apply HOT_TTL
     assert call_fn.calls == 1 and caplog.records == []
     assert 5390 < client.ttl(cache._keys(MSGS, "m", None)[0]) <= 5400
 
@@ -425,6 +230,7 @@ def test_the_largest_hot_ttl_works(client, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="cache"):
         for _ in range(3):
             assert cache.get_or_set(MSGS, "m", call_fn, ttl=100, client=client) == ANSWER
+        cache.stats(client=client)  # sends the hits, which apply HOT_TTL
     assert call_fn.calls == 1 and caplog.records == []
     assert client.ttl(cache._keys(MSGS, "m", None)[0]) > 10**15
 
@@ -437,6 +243,7 @@ def test_a_window_opened_by_a_clock_ahead_is_no_window(client, monkeypatch):
     for opened in (int((time.time() + 3600) * 1000), "1.5e400"):  # a worker an hour ahead; a corrupt field
         client.hset(entry, mapping={"w": opened, "n": 2})
         cache.get_or_set(MSGS, "m", counting(), ttl=100, client=client)
+        cache.stats(client=client)
         assert _window_hits(client, entry) == 1  # this hit opened a window of its own
         assert client.ttl(entry) <= 100
 
@@ -448,6 +255,7 @@ def test_hot_hits_never_shorten_or_lengthen_a_ttl_they_should_not(client, monkey
     monkeypatch.setattr(cache, "HOT_TTL", hot_ttl)
     for _ in range(5):
         cache.get_or_set(MSGS, "m", counting(), ttl=ttl, client=client)
+    assert cache.stats(client=client)["hits"] == 4  # the hits sent, and applied
     assert ttl - 10 < client.ttl(cache._keys(MSGS, "m", None)[0]) <= ttl
 
 
@@ -457,10 +265,14 @@ def test_a_new_answer_starts_its_hit_count_afresh(ask, client, monkeypatch):
     entry = cache._keys(MSGS, "m", None)[0]
     for _ in range(3):  # a miss, then two hits
         ask(MSGS, "m", counting(), ttl=100, client=client)
+    ask.stats(client=client)  # the two hits sent
+    assert _window_hits(client, entry) == 2
     client.hset(entry, "v", "{broken")  # corrupt: the next caller stores a new answer
     ask(MSGS, "m", counting(), ttl=100, client=client)
+    ask.stats(client=client)
     assert _window_hits(client, entry) is None
     ask(MSGS, "m", counting(), ttl=100, client=client)
+    ask.stats(client=client)
     assert _window_hits(client, entry) == 1
     assert 90 < client.ttl(entry) <= 100
 
@@ -501,6 +313,42 @@ def test_call_fn_exception_propagates_and_releases_the_lock_at_once(ask, client)
     call_fn = counting()
     assert ask(MSGS, "m", call_fn, client=client) == ANSWER  # the next caller does not wait LOCK_TTL
     assert call_fn.calls == 1
+
+
+@pytest.mark.parametrize("how", ["call_fn raises", "not JSON", "the stream breaks"])
+def test_an_async_call_that_fails_lets_the_lock_go_before_the_error_reaches_the_caller(ask_async_client, client, how):
+    # as get_or_set does: the error is the caller's, not a cancellation, so nothing stops it from letting go itself
+    loop, aclient = ask_async_client
+    keys = cache._keys(MSGS, "m", None)
+
+    def failing():
+        raise RuntimeError("model down")
+
+    async def main():
+        with pytest.raises((RuntimeError, TypeError, ConnectionResetError)):
+            if how == "the stream breaks":
+                stream = await cache.aget_or_set(MSGS, "m", Model(breaks={1}), client=aclient)
+                async for _ in stream:
+                    pass
+            else:
+                await cache.aget_or_set(MSGS, "m", failing if how == "call_fn raises" else object, client=aclient)
+        return await aclient.exists(keys[0], keys[1])  # at once: no step of the loop between
+
+    assert loop.run(main()) == 0
+
+
+def test_a_stop_iteration_raised_by_call_fn_reaches_the_caller_as_it_is(ask, client):
+    stop = StopIteration("no answer")
+
+    def call_fn():
+        raise stop
+
+    with pytest.raises((StopIteration, RuntimeError)) as raised:
+        ask(MSGS, "m", call_fn, client=client)
+    if ask.sync:
+        assert raised.value is stop
+    else:  # Python turns a StopIteration that leaves a coroutine into a RuntimeError (PEP 479)
+        assert type(raised.value) is RuntimeError and raised.value.__cause__ is stop
 
 
 @pytest.mark.parametrize("corrupt", [
@@ -547,11 +395,14 @@ def test_a_flushed_script_cache_is_refilled_without_a_miss_or_warning(ask, clien
     ask(MSGS, "m", call_fn, client=client)
     client.script_flush()  # a restarted or failed-over server knows no scripts
     with caplog.at_level(logging.WARNING, logger="cache"):
-        assert ask(MSGS, "m", call_fn, client=client) == ANSWER
-    assert client.script_exists(cache._READ.sha) == [True]
-    assert call_fn.calls == 1
+        assert ask(MSGS, "m", call_fn, client=client) == ANSWER  # a hit (a plain HGET)
+        other = counting()
+        assert ask(MSGS, "n", other, client=client) == ANSWER  # a miss: the lock's and the store's scripts
+        assert ask(MSGS, "n", other, client=client) == ANSWER
+    assert client.script_exists(cache._LOCK.sha, cache._FINISH.sha) == [True, True]
+    assert call_fn.calls == 1 and other.calls == 1
     assert caplog.records == []
-    assert ask.stats(client=client)["hits"] == 1
+    assert ask.stats(client=client)["hits"] == 2
 
 
 class Untouchable(redis.Redis):
@@ -746,6 +597,7 @@ def test_an_int_subclass_is_a_setting_like_its_int(client, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="cache"):
         for _ in range(3):
             cache.get_or_set(MSGS, "m", call_fn, ttl=100, client=client)
+        cache.stats(client=client)  # sends the hits, which apply HOT_THRESHOLD
     assert call_fn.calls == 1 and caplog.records == []
     assert client.ttl(cache._keys(MSGS, "m", None)[0]) > 100
 
@@ -910,14 +762,17 @@ def _tcp_commands(url, action):
                 seen.append(c["command"].split()[0].upper())
 
 
-def test_a_hit_is_one_round_trip_and_a_miss_two(server):
+def test_a_hit_is_one_round_trip_and_a_miss_three(server):
     r = server.client()
     r.ping()
     cache.get_or_set(MSGS, "warm", counting(), client=r)  # loads the scripts
-    miss = _tcp_commands(server.url, lambda: cache.get_or_set(MSGS, "m", counting(), client=r))
-    hit = _tcp_commands(server.url, lambda: cache.get_or_set(MSGS, "m", counting(), client=r))
-    assert hit == ["EVALSHA"]  # value, hit count, hot promotion and statistics in one script
-    assert miss == ["EVALSHA", "EVALSHA"]  # look up and lock; store, release and wake
+    with cache._SYNC.lock:  # the worker's: no flush of the hit's count falls into what is watched
+        miss = _tcp_commands(server.url, lambda: cache.get_or_set(MSGS, "m", counting(), client=r))
+        hit = _tcp_commands(server.url, lambda: cache.get_or_set(MSGS, "m", counting(), client=r))
+    assert hit == ["HGET"]  # the value only: the hit count is sent later, with others, by the worker
+    assert miss == ["HGET", "EVALSHA", "EVALSHA"]  # look up; look up again and lock; store, release and wake
+    flush = _tcp_commands(server.url, lambda: cache.stats(client=r))
+    assert flush.count("EVAL") == 1  # the hit's count, its hot window and the statistics, in one script
 
 
 # ---------------------------------------------------------------- waiting
@@ -949,14 +804,6 @@ def test_waiters_wake_when_the_answer_is_stored_not_when_they_poll(server):
 
 # ---------------------------------------------------------------- slow calls, threads and pools
 
-def _until(condition, timeout=30):
-    """Wait for condition() to hold; fail the test, rather than hang it, if it never does."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
-
-
 def _ask_slow(url, sleep, start, results):
     _ask(url, start, results, sleep=sleep)
 
@@ -966,25 +813,6 @@ def test_a_call_four_times_the_lock_ttl_is_made_once_for_eight_processes(real_ur
     answers = _run_processes(8, _ask_slow, real_url, 4.0)
     assert answers == [ANSWER] * 8
     assert int(redis.Redis.from_url(real_url).get(cache.PREFIX + "calls")) == 1
-
-
-def _in_threads(n, fn):
-    """Run fn in n threads released together; return what each returned or raised."""
-    barrier, outcomes = threading.Barrier(n), []
-
-    def run():
-        barrier.wait(timeout=30)
-        try:
-            outcomes.append(fn())
-        except Exception as e:
-            outcomes.append(e)
-
-    threads = [threading.Thread(target=run) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    return outcomes
 
 
 @pytest.mark.parametrize("pool_class", [redis.ConnectionPool, redis.BlockingConnectionPool])
@@ -1071,7 +899,6 @@ def test_a_failed_call_raises_in_every_thread_that_waited_for_it(client):
     outcomes = _in_threads(6, lambda: cache.get_or_set(MSGS, "m", failing, client=client))
     assert len(calls) == 1
     assert len(outcomes) == 6 and all(type(e) is RuntimeError and e.args == boom.args for e in outcomes)
-    assert sum(e is boom for e in outcomes) == 1  # the leader's own; each waiting thread raises a copy
     keys = cache._keys(MSGS, "m", None)
     assert client.exists(keys[0], keys[1]) == 0
     call_fn = counting()
@@ -1079,12 +906,32 @@ def test_a_failed_call_raises_in_every_thread_that_waited_for_it(client):
     assert call_fn.calls == 1
 
 
-@pytest.mark.parametrize("same_client", [False, True], ids=["another-worker", "a-thread-of-the-holders"])
-def test_a_waiter_calls_itself_after_max_wait_and_the_first_answer_stored_wins(client, monkeypatch, same_client):
-    """Waiting on Redis for another worker, or locally for a thread of the same process: MAX_WAIT bounds both."""
+class ModelError(Exception):
+    """An exception whose __init__ formats its message, as SDKs' exceptions do."""
+
+    def __init__(self, status):
+        super().__init__(f"the model answered {status}")
+        self.status = status
+
+
+def test_threads_waiting_on_a_leader_that_fails_raise_its_very_exception(client):
+    error, calls = ModelError(503), []
+
+    def failing():
+        calls.append(1)
+        time.sleep(0.5)  # the other threads join its flight meanwhile
+        raise error
+
+    outcomes = _in_threads(6, lambda: cache.get_or_set(MSGS, "m", failing, client=client))
+    assert len(calls) == 1 and len(outcomes) == 6
+    assert [str(e) for e in outcomes] == ["the model answered 503"] * 6
+    assert all(e is error for e in outcomes)
+
+
+def test_a_waiter_calls_itself_after_max_wait_and_the_first_answer_stored_wins(client, monkeypatch):
     monkeypatch.setattr(cache, "MAX_WAIT", 0.5)
     release, outcome = threading.Event(), {}
-    holder_client, waiter_client = (client, client) if same_client else (twin(client), twin(client))
+    holder_client, waiter_client = twin(client), twin(client)  # another worker holds the lock
 
     def slow():
         release.wait(timeout=30)
@@ -1102,6 +949,33 @@ def test_a_waiter_calls_itself_after_max_wait_and_the_first_answer_stored_wins(c
     assert outcome["holder"] == {"by": "waiter"}  # its own answer came second, so it was dropped
     assert cache.get_or_set(MSGS, "m", counting("wrong"), client=client) == {"by": "waiter"}
     assert cache.stats(client=client)["misses"] == 1
+
+
+def test_threads_waiting_on_a_leader_share_the_call_it_makes_after_max_wait(client, monkeypatch):
+    monkeypatch.setattr(cache, "MAX_WAIT", 0.5)
+    holding, release, calls = threading.Event(), threading.Event(), []
+
+    def held_by_another_worker():
+        holding.set()
+        release.wait(timeout=30)
+        return {"by": "another worker"}
+
+    def slow():
+        calls.append(1)
+        time.sleep(2 * cache.MAX_WAIT)  # a call that outlasts MAX_WAIT too
+        return {"by": "this process"}
+
+    holder = threading.Thread(target=cache.get_or_set, args=(MSGS, "m", held_by_another_worker),
+                              kwargs={"client": twin(client)})  # a client of its own: not in this process's flight
+    holder.start()
+    assert holding.wait(timeout=30)
+    try:
+        answers = _in_threads(8, lambda: cache.get_or_set(MSGS, "m", slow, client=client))
+    finally:
+        release.set()
+        holder.join(timeout=30)
+    assert len(calls) == 1  # the leader's, after MAX_WAIT
+    assert answers == [{"by": "this process"}] * 8
 
 
 def test_the_first_answer_stored_wins_over_a_late_holder(client):
@@ -1178,10 +1052,27 @@ def test_a_call_fn_that_asks_for_its_own_request_does_not_wait_for_itself(client
     assert outcome == {"inner": {"by": "inner"}, "outer": {"by": "inner"}} and inner.calls == 1
 
 
-def test_each_thread_raising_the_leaders_exception_sees_a_traceback_of_its_own_length(client):
-    boom, depths = RuntimeError("model down"), []
+def test_a_call_fn_that_asks_for_its_own_request_from_a_thread_it_waits_for_does_not_wait_for_itself(client):
+    inner = counting({"by": "inner"})
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def outer():
+        return pool.submit(lambda: cache.get_or_set(MSGS, "m", inner, client=client)).result(timeout=5)
+
+    try:
+        assert cache.get_or_set(MSGS, "m", outer, client=client) == {"by": "inner"}
+    finally:
+        pool.shutdown()
+    assert inner.calls == 1
+
+
+def test_each_thread_raising_the_leaders_exception_raises_the_one_object_whose_traceback_leads_to_the_model(client):
+    # singleflight: the followers re-raise the leader's very exception, not copies, so they share one traceback,
+    # which each re-raise extends; what matters is that it still leads to the model's raise
+    boom, outcomes, calls = RuntimeError("model down"), [], []
 
     def failing():
+        calls.append(1)
         time.sleep(0.3)
         raise boom
 
@@ -1189,10 +1080,12 @@ def test_each_thread_raising_the_leaders_exception_sees_a_traceback_of_its_own_l
         try:
             cache.get_or_set(MSGS, "m", failing, client=client)
         except RuntimeError as e:
-            depths.append(len(traceback.extract_tb(e.__traceback__)))
+            outcomes.append((e, [frame.name for frame in traceback.extract_tb(e.__traceback__)]))
 
     _in_threads(12, ask)
-    assert len(depths) == 12 and max(depths) - min(depths) <= 4  # not one traceback grown by every waiter
+    assert len(outcomes) == 12 and len(calls) == 1
+    assert all(e is boom for e, _ in outcomes)
+    assert all(names[-1] == "failing" for _, names in outcomes)  # the model's raise is where each traceback ends
 
 
 def test_no_thread_to_renew_the_lock_is_no_error(client, monkeypatch):
@@ -1233,28 +1126,72 @@ def test_a_slow_link_does_not_time_a_waiter_out(server, caplog):
 
 
 def test_a_server_refusing_waiters_connections_is_polled_not_taken_for_an_outage(tmp_path, caplog):
-    s = Server(tmp_path, "--maxclients", "4")
+    s = Server(tmp_path, "--maxclients", "3")  # room for the holders' connection and the waiters' pool's two only
     try:
-        admin = s.client()
-        admin.ping()
+        holders = redis.Redis(connection_pool=redis.BlockingConnectionPool(port=s.port, max_connections=1))
         questions = [[{"role": "user", "content": f"held {n}"}] for n in range(8)]
-        for q in questions:  # another worker holds all eight locks
-            admin.set(cache._keys(q, "m", None)[1], "elsewhere", px=30_000)
+        release, holding = threading.Event(), []
+
+        def held(n):
+            holding.append(n)
+            release.wait(timeout=30)
+            return {"n": n}
+
+        # another worker holds all eight locks
+        threads = [threading.Thread(target=cache.get_or_set, args=(q, "m", functools.partial(held, n)),
+                                    kwargs={"client": holders}) for n, q in enumerate(questions)]
+        for t in threads:
+            t.start()
+        _until(lambda: len(holding) == 8)
         r = redis.Redis(connection_pool=redis.BlockingConnectionPool(port=s.port, max_connections=2))
-        answers, call_fn = [], counting("x")
-        waiters = [threading.Thread(target=lambda q=q: answers.append(cache.get_or_set(q, "m", call_fn, client=r)))
-                   for q in questions]
+        pooled = [r.connection_pool.get_connection() for _ in range(2)]  # the pool's two, open before any waiter's
+        for connection in pooled:
+            r.connection_pool.release(connection)
+        answers, call_fn = {}, counting("x")
+        waiters = [threading.Thread(target=lambda n=n, q=q: answers.update({n: cache.get_or_set(q, "m", call_fn,
+                                                                                              client=r)}))
+                   for n, q in enumerate(questions)]
         with caplog.at_level(logging.WARNING, logger="cache"):
             for w in waiters:
                 w.start()
-            time.sleep(0.5)  # the pool has 2 connections, 1 waiter a third; the server refuses a fourth
-            for q in questions:  # the holder stores its answers
-                run_script(admin, cache._FINISH, cache._keys(q, "m", None), "elsewhere", json.dumps(ANSWER), 0,
-                           60_000, 10_000, 60_000)
-            for w in waiters:
-                w.join(timeout=30)
-        assert answers == [ANSWER] * 8 and call_fn.calls == 0
+            _until(lambda: holders.info("stats")["rejected_connections"] > 0)  # a waiter's own connection, refused
+            release.set()  # the holder stores its answers
+            for t in threads + waiters:
+                t.join(timeout=30)
+        assert answers == {n: {"n": n} for n in range(8)} and call_fn.calls == 0
         assert not [rec for rec in caplog.records if "Redis failed" in rec.message]
+    finally:
+        s.kill()
+
+
+def test_waiters_whose_pool_connections_the_server_refuses_wait_for_the_holder(ask, tmp_path):
+    s = Server(tmp_path, "--maxclients", "8")
+    try:
+        admin, release, calls = s.client(), threading.Event(), []
+        admin.ping()
+
+        def held_by_another_worker():
+            calls.append("holder")
+            release.wait(timeout=30)
+            return ANSWER
+
+        holder = threading.Thread(target=cache.get_or_set, args=(MSGS, "m", held_by_another_worker),
+                                  kwargs={"client": s.client()})
+        holder.start()
+        _until(lambda: calls)
+        r = s.client(retry=redis.retry.Retry(redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
+        held = s.fill()  # no connection of r's pool is open yet, and none can be now
+        refused = admin.info("stats")["rejected_connections"]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            waiters = [pool.submit(ask, MSGS, "m", lambda: calls.append("waiter") or "x", client=r) for _ in range(4)]
+            # (more refusals than one call and the client's retry of it make)
+            _until(lambda: admin.info("stats")["rejected_connections"] >= refused + 3 or all(w.done() for w in waiters))
+            for connection in held:
+                connection.close()
+            release.set()
+            answers = [w.result(timeout=30) for w in waiters]
+        holder.join(timeout=30)
+        assert answers == [ANSWER] * 4 and calls == ["holder"]
     finally:
         s.kill()
 
@@ -1299,6 +1236,8 @@ def test_sync_and_async_callers_share_entries_and_statistics(client):
         assert loop.run(cache.aget_or_set(MSGS, "m", counting("wrong"), client=aclient)) == {"by": "sync"}
         answer = loop.run(cache.aget_or_set(MSGS, "n", counting({"by": "async"}), client=aclient))
         assert cache.get_or_set(MSGS, "n", counting("wrong"), client=client) == answer == {"by": "async"}
+        loop.run(cache.astats(client=aclient))  # each path sends its own hits: the loop's,
+        cache.stats(client=client)  # and the threads'
         assert cache.stats(client=client) == loop.run(cache.astats(client=aclient))
         assert cache.stats(client=client)["hits"] == 2
     finally:
@@ -1334,7 +1273,8 @@ def test_threads_and_each_loop_without_redis_keep_to_their_own_flights(monkeypat
 
 
 def _fork_and_ask_async(results):
-    results.put((len(cache._loop_clients), asyncio.run(cache.aget_or_set(MSGS, "m", counting("wrong")))))
+    inherited = sum(len(chores.clients) for chores in cache._loop_chores.values())
+    results.put((inherited, asyncio.run(cache.aget_or_set(MSGS, "m", counting("wrong")))))
 
 
 def test_a_forked_child_makes_clients_of_its_own(server, monkeypatch):
@@ -1357,7 +1297,7 @@ def test_a_loop_per_call_leaves_no_client_or_connection_behind(server, monkeypat
     for n in range(20):  # as a sync program calling asyncio.run per job does
         asyncio.run(cache.aget_or_set([{"role": "user", "content": str(n)}], "m", counting()))
     gc.collect()
-    assert len(cache._loop_clients) == 1  # the last loop's, until another loop asks
+    assert [len(chores.clients) for chores in cache._loop_chores.values()] == [1]  # the last loop's, until another
     assert len(admin.client_list()) <= 2  # this one, and the last loop's
 
 
@@ -1373,7 +1313,7 @@ def test_a_long_lived_loop_drops_the_clients_of_loops_closed_meanwhile(server, m
         for t in threads:
             t.join(timeout=30)
         main.run(cache.aget_or_set(MSGS, "m", counting()))
-        assert list(cache._loop_clients) == [main.loop]
+        assert list(cache._loop_chores) == [main.loop]
     finally:
         main.close()
 
@@ -1417,22 +1357,24 @@ def test_followers_that_give_up_are_no_hits(ask_async_client, monkeypatch):
     assert (stats["hits"], stats["misses"], stats["tokens_saved"]) == (0, 1, 0)
 
 
-def test_a_follower_counted_just_as_it_gave_up_takes_the_answer(ask_async_client, monkeypatch):
+def test_a_follower_in_the_process_waits_as_long_as_its_leader_and_takes_the_answer(ask_async_client, monkeypatch):
+    # singleflight: a follower has no MAX_WAIT of its own (the leader's, against Redis, applies), so none gives up
+    # and calls the model as the leader ends
+    monkeypatch.setattr(cache, "MAX_WAIT", 0)
     loop, aclient = ask_async_client
+    calls = []
 
-    async def join_timing_out_as_the_leader_ends(self, flight):  # MAX_WAIT runs out as the leader counts it
-        await asyncio.shield(flight.ended)
-        return False
-
-    monkeypatch.setattr(cache._Async, "join", join_timing_out_as_the_leader_ends)
-    call_fn = counting()
+    async def slow():
+        calls.append(1)
+        await asyncio.sleep(0.3)  # far longer than MAX_WAIT
+        return ANSWER
 
     async def main():
-        return await asyncio.gather(*[cache.aget_or_set(MSGS, "m", call_fn, client=aclient) for _ in range(2)])
+        return await asyncio.gather(*[cache.aget_or_set(MSGS, "m", slow, client=aclient) for _ in range(2)])
 
     assert loop.run(main()) == [ANSWER, ANSWER]
     stats = loop.run(cache.astats(client=aclient))
-    assert call_fn.calls == 1 and (stats["hits"], stats["misses"]) == (1, 1)  # counted once, by the leader
+    assert len(calls) == 1 and (stats["hits"], stats["misses"]) == (1, 1)  # the follower's answer is a hit
 
 
 def test_a_connection_dropped_during_the_call_still_stores_and_releases(server, caplog):
@@ -1458,26 +1400,6 @@ def test_a_connection_dropped_during_the_call_still_stores_and_releases(server, 
     assert not [rec for rec in caplog.records if "Redis failed" in rec.message]
 
 
-def test_threads_that_wait_max_wait_and_call_are_no_hits(client, monkeypatch):
-    monkeypatch.setattr(cache, "MAX_WAIT", 0.1)
-    finished, calls = [], []
-
-    def slow():
-        calls.append(1)
-        if len(calls) == 1:  # the leader holds on until the three threads that gave up on it have answers
-            _until(lambda: len(finished) == 3)
-        return ANSWER
-
-    def ask():
-        answer = cache.get_or_set(MSGS, "m", slow, client=client)
-        finished.append(answer)
-        return answer
-
-    assert _in_threads(4, ask) == [ANSWER] * 4
-    stats = cache.stats(client=client)  # a thread that gave up may find another's answer stored: that is a hit
-    assert (stats["hits"], stats["misses"]) == (4 - len(calls), 1) and len(calls) >= 2
-
-
 def test_1000_tasks_make_one_call_through_one_redis_waiter(server):
     admin, keys = server.client(), cache._keys(MSGS, "m", None)
     admin.set(keys[1], "another worker", px=30_000)  # so the tasks wait in Redis, not only on each other
@@ -1491,10 +1413,15 @@ def test_1000_tasks_make_one_call_through_one_redis_waiter(server):
             return ANSWER
 
         tasks = [asyncio.ensure_future(cache.aget_or_set(MSGS, "m", call_fn, client=r)) for _ in range(1000)]
-        await asyncio.sleep(0.3)
+        deadline = time.monotonic() + 20
+        while not [c for c in admin.client_list() if c["cmd"] == "xread"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # (any other task that would wait in Redis too is there by now)
         waiters.append([c["cmd"] for c in admin.client_list()].count("xread"))
-        run_script(admin, cache._FINISH, keys, "another worker", "", 0, 60_000, 10_000, 60_000)  # it failed
+        run_script(admin, cache._FINISH, keys, "another worker", "", 0, 60_000, 10_000, 60_000, "",
+                   int(time.time() * 1000))  # it failed
         answers = await asyncio.gather(*tasks)
+        await cache.astats(client=r)  # (which sends the hits)
         await r.aclose()
         return answers, calls
 
@@ -1502,6 +1429,32 @@ def test_1000_tasks_make_one_call_through_one_redis_waiter(server):
     assert waiters == [1]
     assert answers == [ANSWER] * 1000 and len(calls) == 1
     assert cache.stats(client=admin) == {"hits": 999, "misses": 1, "tokens_saved": 999 * 23, "hit_rate": 0.999}
+
+
+def test_2000_tasks_asking_for_cached_answers_through_a_4_connection_pool_call_nothing(real_url):
+    questions = [[{"role": "user", "content": f"question {n}"}] for n in range(2000)]
+    calls = []
+
+    def model():
+        calls.append(1)
+        return "called"
+
+    async def main():
+        filler = redis.asyncio.Redis(connection_pool=redis.asyncio.BlockingConnectionPool.from_url(real_url))
+        r = redis.asyncio.Redis.from_url(real_url, max_connections=4)
+        try:
+            await asyncio.gather(*[cache.aget_or_set(question, "m", lambda n=n: {"n": n}, client=filler)
+                                   for n, question in enumerate(questions)])
+            await cache.astats(client=filler)  # (which finishes the stores)
+            answers = await asyncio.gather(*[cache.aget_or_set(q, "m", model, client=r) for q in questions])
+            return answers, await cache.astats(client=r)
+        finally:
+            await filler.aclose()
+            await r.aclose()
+
+    answers, stats = asyncio.run(main())
+    assert calls == [] and answers == [{"n": n} for n in range(2000)]
+    assert (stats["hits"], stats["misses"]) == (2000, 2000)
 
 
 def test_200_different_requests_at_once_are_not_serialized(ask_async_client):
@@ -1521,15 +1474,6 @@ def test_200_different_requests_at_once_are_not_serialized(ask_async_client):
                                       for n in range(200)])
 
     assert loop.run(main()) == [{"n": n} for n in range(200)]
-
-
-@pytest.fixture
-def ask_async_client(client):
-    """An event loop, and the asyncio twin of client."""
-    loop, aclient = Loop(), async_twin(client)
-    yield loop, aclient
-    loop.run(aclient.aclose())
-    loop.close()
 
 
 def test_a_cancelled_leader_releases_its_lock_at_once_and_leaves_no_task(ask_async_client, client):
@@ -1552,8 +1496,11 @@ def test_a_cancelled_leader_releases_its_lock_at_once_and_leaves_no_task(ask_asy
             await leader
         released = client.exists(lock) == 0 or await follower  # the follower may already hold it, as the leader
         answer = await follower  # not cancelled: it leads in turn
-        await asyncio.sleep(0)
-        return held, released, answer, [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        deadline = time.monotonic() + 10  # the loop's worker task ends once it has nothing left to do
+        while (left := [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]) and \
+                time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return held, released, answer, left
 
     held, released, answer, left = loop.run(main())
     assert held == 1 and released and answer == ANSWER
@@ -1592,6 +1539,21 @@ def test_a_call_fn_task_that_asks_for_its_own_request_does_not_wait_for_itself(a
 
     outcome["outer"] = loop.run(cache.aget_or_set(MSGS, "m", outer, client=aclient), timeout=20)
     assert outcome == {"inner": {"by": "inner"}, "outer": {"by": "inner"}} and inner.calls == 1
+
+
+@pytest.mark.parametrize("child", ["wait_for", "gather"])
+def test_a_call_fn_that_asks_for_its_own_request_from_a_child_task_does_not_wait_for_itself(ask_async_client, child):
+    loop, aclient = ask_async_client
+    inner = counting({"by": "inner"})
+
+    async def outer():
+        asking = cache.aget_or_set(MSGS, "m", inner, client=aclient)
+        if child == "wait_for":
+            return await asyncio.wait_for(asking, 5)  # (a task of its own before Python 3.12)
+        return (await asyncio.gather(asking))[0]
+
+    assert loop.run(cache.aget_or_set(MSGS, "m", outer, client=aclient), timeout=10) == {"by": "inner"}
+    assert inner.calls == 1
 
 
 def test_a_failed_call_raises_in_every_task_that_waited_for_it(ask_async_client):
@@ -1722,11 +1684,6 @@ def test_a_killed_holder_costs_one_more_call_and_no_hang(ask, server, monkeypatc
     assert answers == [{"second": True}] * 8
     assert int(r.get(cache.PREFIX + "calls")) == 2
     assert r.exists(cache._keys(MSGS, "m", None)[1]) == 0  # no lock left behind
-
-
-def twin(c):
-    """Another client of the same server: a second worker, as far as the cache can tell (it coalesces per client)."""
-    return redis.Redis(connection_pool=c.connection_pool)
 
 
 def test_a_holder_that_lost_its_lock_cannot_release_its_successors(client, monkeypatch):
@@ -2047,7 +2004,8 @@ def test_async_cluster_waiters_get_the_answer_stored_while_they_wait(cluster):
         r = redis.asyncio.RedisCluster(host="127.0.0.1", port=nodes[0].port)
         tasks = [asyncio.ensure_future(cache.aget_or_set(MSGS, "m", counting("called"), client=r)) for _ in range(3)]
         await asyncio.sleep(0.3)
-        run_script(c, cache._FINISH, keys, "another worker", json.dumps(ANSWER), 0, 60_000, 10_000, 60_000)
+        run_script(c, cache._FINISH, keys, "another worker", json.dumps(ANSWER), 0, 60_000, 10_000, 60_000, "",
+                   int(time.time() * 1000))
         answers = await asyncio.wait_for(asyncio.gather(*tasks), 20)  # before the lock (30 s) runs out
         await r.aclose()
         return answers
@@ -2080,11 +2038,15 @@ def test_stats_shards_live_for_stats_ttl_and_traffic_refreshes_them(client, monk
     cache.get_or_set(MSGS, "m", counting(), client=client)  # a miss
     assert 990 < client.ttl(shard) <= 1000
     client.expire(shard, 5)
+    cache.stats(client=client)  # a flush with no hits to send leaves the shard alone
+    assert client.ttl(shard) <= 5
     cache.get_or_set(MSGS, "m", counting(), client=client)  # a hit that opens a hot window
+    cache.stats(client=client)
     assert 990 < client.ttl(shard) <= 1000
     client.expire(shard, 5)
-    cache.get_or_set(MSGS, "m", counting(), client=client)  # a hit in that window: at most once a window
-    assert client.ttl(shard) <= 5
+    cache.get_or_set(MSGS, "m", counting(), client=client)  # a hit in that window: every flush refreshes it
+    cache.stats(client=client)
+    assert 990 < client.ttl(shard) <= 1000
     cache.get_or_set(MSGS, "other", counting(), client=client)  # a miss, in this shard or another
     assert 990 < client.ttl(cache._keys(MSGS, "other", None)[3]) <= 1000
     assert cache.stats(client=client)["misses"] == 2
@@ -2098,8 +2060,8 @@ def test_an_expired_shard_comes_back_with_a_ttl(client, monkeypatch):
     client.delete(shard)  # expired after a quiet STATS_TTL, which closed the entry's window too
     client.hdel(entry, "w", "n")
     cache.get_or_set(MSGS, "m", counting(), client=client)
+    assert cache.stats(client=client)["hits"] == 1  # (which sends the hit)
     assert 990 < client.ttl(shard) <= 1000
-    assert cache.stats(client=client)["hits"] == 1
 
 
 def test_a_store_whose_reply_was_lost_and_retried_counts_one_miss(server):
@@ -2268,14 +2230,23 @@ def test_the_real_cl100k_base_counts_tokens(client, monkeypatch):
 
 # ---------------------------------------------------------------- streams
 
-def chunk(text=None, usage=None):
-    """A chat.completion.chunk: a delta of text, or the last one with usage."""
+def chunk(text=None, usage=None, finish=None):
+    """A chat.completion.chunk: a delta of text (the last one with its finish_reason), or the one with usage."""
     return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-            "choices": [] if text is None else [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+            "choices": [] if text is None else [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
             **({"usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": usage}} if usage else {})}
 
 
-CHUNKS = [chunk("Par"), chunk("is."), chunk(usage=7)]
+CHUNKS = [chunk("Par"), chunk("is.", finish="stop"), chunk(usage=7)]
+EVENTS = [  # an Anthropic message stream
+    {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                                          "content": [], "stop_reason": None, "usage": {"input_tokens": 5}}},
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Paris."}},
+    {"type": "content_block_stop", "index": 0},
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}},
+    {"type": "message_stop"},
+]
 
 
 class Model:
@@ -2315,7 +2286,8 @@ def test_a_stream_is_relayed_as_it_comes_then_stored_and_replayed(ask, client):
     assert ask.stats(client=client) == {"hits": 1, "misses": 1, "tokens_saved": 7, "hit_rate": 0.5}
 
 
-@pytest.mark.parametrize("chunks", [[chunk("Par"), chunk("is.")], ["Par", "is."]], ids=["deltas", "strings"])
+@pytest.mark.parametrize("chunks", [[chunk("Par"), chunk("is.", finish="stop")], ["Par", "is."]],
+                         ids=["deltas", "strings"])
 def test_a_stream_without_usage_counts_its_prompt_and_text(ask, client, chunks):
     model = Model(chunks)
     for _ in range(2):
@@ -2327,6 +2299,19 @@ def test_an_empty_stream_is_stored_and_replayed_empty(ask, client):
     model = Model([])
     assert ask.read(ask(MSGS, "m", model, client=client)) == ask.read(ask(MSGS, "m", model, client=client)) == []
     assert model.calls == 1
+
+
+@pytest.mark.parametrize("chunks, complete", [
+    (CHUNKS, True), ([chunk("Par"), chunk("is."), chunk(usage=7)], False), (EVENTS, True), (EVENTS[:-1], False),
+    (["Par", "is."], True),
+], ids=["openai", "openai-without-finish-reason", "anthropic", "anthropic-without-message-stop", "other"])
+def test_a_stream_is_stored_only_if_it_ended_complete(ask, client, chunks, complete):
+    model = Model(chunks)
+    for _ in range(2):
+        assert ask.read(ask(MSGS, "m", model, client=client)) == chunks  # relayed whole, complete or not
+    stats = ask.stats(client=client)
+    assert model.calls == (1 if complete else 2)
+    assert (stats["hits"], stats["misses"]) == ((1, 1) if complete else (0, 0))
 
 
 def test_a_stream_that_breaks_stores_nothing_and_releases_the_lock_at_once(ask, client):
@@ -2342,6 +2327,9 @@ def test_a_stream_that_breaks_stores_nothing_and_releases_the_lock_at_once(ask, 
 
 @pytest.mark.parametrize("how", ["close", "drop unread", "drop after a chunk"])
 def test_a_stream_its_caller_stops_stores_nothing_and_releases_the_lock(ask, client, how):
+    # scripts loaded first: fakeredis keeps the NoScriptError of a first EVALSHA, whose traceback holds the frames
+    # that returned the stream, so that dropping it would not drop the last reference to it
+    ask(MSGS, "warm", counting(), client=client)
     model = Model()
     stream = ask(MSGS, "m", model, client=client)
     entry, lock = cache._keys(MSGS, "m", None)[:2]
@@ -2409,6 +2397,7 @@ def test_a_redis_that_fails_mid_stream_costs_the_leader_no_chunk(server, fault, 
     server.kill() if fault == "killed" else server.freeze()
     with caplog.at_level(logging.WARNING, logger="cache"):
         assert list(leader) == CHUNKS[1:]
+        cache._run_chores(cache._SYNC)  # the publishes and the store the worker was handed, done by now
     assert any("Redis failed" in record.message for record in caplog.records)
 
 
@@ -2420,6 +2409,7 @@ def test_published_chunks_live_as_long_as_the_lock_and_are_trimmed_at_the_end(cl
     _until(lambda: client.xlen(stream_key) == 2)  # published beside the caller
     assert 0 < client.pttl(stream_key) <= 5000
     list(stream)
+    cache.stats(client=client)  # (the store, which trims them, is the worker's)
     assert client.xlen(stream_key) == 1 and 0 < client.pttl(stream_key) <= 5000  # only the wake-up is left
 
 
@@ -2510,7 +2500,8 @@ def test_a_follower_never_hands_out_the_rest_of_another_answer(ask, client):
     follower = elsewhere(lambda: ask(MSGS, "m", Model(), client=client))
     assert ask.next(follower) == CHUNKS[0]
     ask.close(leader)  # it stops, and another caller answers the whole request before the follower reads on
-    other = [chunk("Lyon."), chunk(usage=5)]
+    ask.stats(client=client)  # (the release is the worker's)
+    other = [chunk("Lyon.", finish="stop"), chunk(usage=5)]
     assert ask.read(ask(MSGS, "m", Model(other), client=client)) == other
     with pytest.raises(cache.StreamInterrupted):
         ask.next(follower)
@@ -2619,6 +2610,29 @@ def test_a_thread_asking_again_twice_while_it_leads_a_stream_never_waits_for_its
         assert pool.submit(ask_three_times).result(timeout=10) == (CHUNKS[0], CHUNKS, CHUNKS[1:])
 
 
+def test_a_thread_given_the_ident_of_an_ended_thread_that_leads_a_stream_follows_it(client):
+    model, firsts, followed = Model(), queue.Queue(), []
+    ident, leader = elsewhere(lambda: (threading.get_ident(), cache.get_or_set(MSGS, "m", model, client=client)))
+
+    def follow():
+        stream = cache.get_or_set(MSGS, "m", model, client=client)
+        first = next(stream)
+        firsts.put(first)
+        followed.extend([first, *stream])
+
+    follower = thread_with_ident(ident, follow)  # the leading thread has ended; its stream is read here
+    try:
+        assert next(leader) == CHUNKS[0]
+        try:
+            firsts.get(timeout=2)  # live, while the leader's caller holds the rest
+        except queue.Empty:  # (or it waits for the whole answer)
+            pass
+    finally:
+        rest = list(leader)
+        follower.join(timeout=30)
+    assert rest == CHUNKS[1:] and followed == CHUNKS and model.calls == 1
+
+
 def test_a_task_asking_again_while_it_leads_a_stream_does_not_wait_for_itself(ask_async_client, monkeypatch):
     (loop, aclient), model = ask_async_client, Model()
     monkeypatch.setattr(cache, "MAX_WAIT", 2)
@@ -2696,44 +2710,51 @@ def test_followers_in_4_processes_get_the_chunks_live(real_url):
     assert cache.stats(client=r)["hits"] == 4
 
 
-# ---------------------------------------------------------------- whole requests
+def _lead_a_stream(url, holding, go, results):
+    r = redis.Redis.from_url(url, socket_timeout=0.5)
 
-def test_cached_keys_on_every_argument_but_transport_only_ones(client):
-    calls = counting()
-    create = lambda **request: calls()  # noqa: E731
-    ask = functools.partial(cache.cached, create, model="m", messages=MSGS, client=client)
-    assert ask(temperature=0) == ask(temperature=0, timeout=5, extra_headers={"X-Trace": "1"}) == ANSWER
-    assert calls.calls == 1
-    ask(temperature=0.5)
-    ask(temperature=0, tools=[{"type": "function", "function": {"name": "f"}}])
-    assert calls.calls == 3
-    assert cache.get_or_set(MSGS, "m", calls, client=client, params={"temperature": 0}) == ANSWER  # the same key
-    assert calls.calls == 3
+    def model():
+        holding.set()
+        yield CHUNKS[0]
+        go.wait(30)
+        yield from CHUNKS[1:]
+
+    results.put(list(cache.get_or_set(MSGS, "m", model, client=r)))
 
 
-def test_cached_passes_every_argument_on(client):
-    seen = []
-    timeout = object()  # no JSON, and no need to be: it is not in the key
-    cache.cached(lambda **kw: seen.append(kw) or ANSWER, model="m", messages=MSGS, temperature=0, timeout=timeout,
-                 client=client)
-    assert seen == [{"model": "m", "messages": MSGS, "temperature": 0, "timeout": timeout}]
+def test_a_follower_gets_every_chunk_through_a_stall_that_timed_out_another_call_of_its_process(server):
+    holding, go, results = FORK.Event(), FORK.Event(), FORK.Queue()
+    leader = FORK.Process(target=_lead_a_stream, args=(server.url, holding, go, results))
+    leader.start()
+    retry = redis.retry.Retry(redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+    r, model, other, firsts = server.client(socket_timeout=0.5, retry=retry), Model(), counting(), queue.Queue()
+    question = [{"role": "user", "content": "another question"}]
+    cache.get_or_set(question, "m", other, client=r)
+    cache.stats(client=r)  # (which finishes the store)
 
+    def follow():
+        stream = cache.get_or_set(MSGS, "m", model, client=r)
+        first = next(stream)
+        firsts.put(first)
+        return [first, *stream]
 
-@pytest.mark.parametrize("bad", [{"temperature": object()}, {"tools": [{"f": {1, 2}}]}, {"stop": b"."}])
-def test_cached_names_an_argument_that_is_not_json(bad):
-    create = counting()
-    with pytest.raises(TypeError) as raised:
-        cache.cached(create, model="m", messages=MSGS, client=Untouchable(), **bad)
-    assert f"{next(iter(bad))} must be JSON" in str(raised.value) and create.calls == 0
-
-
-def test_cached_refuses_what_is_not_callable_and_a_request_without_model_or_messages():
-    with pytest.raises(TypeError, match="create_fn must be callable"):
-        cache.cached("gpt-4.1-mini", model="m", messages=MSGS, client=Untouchable())
-    with pytest.raises(TypeError, match="model must be a non-empty str"):
-        cache.cached(counting(), messages=MSGS, client=Untouchable())
-    with pytest.raises(TypeError, match="messages must be a list of dicts"):
-        cache.cached(counting(), model="m", client=Untouchable())
+    try:
+        assert holding.wait(30)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            following = pool.submit(follow)
+            assert firsts.get(timeout=30) == CHUNKS[0]
+            server.freeze()
+            try:  # another thread's hit, through the same client, times out: the model answers it
+                assert cache.get_or_set(question, "m", other, client=r) == ANSWER and other.calls == 2
+            finally:
+                server.thaw()
+            go.set()
+            assert following.result(timeout=30) == CHUNKS
+        assert results.get(timeout=30) == CHUNKS and model.calls == 0
+    finally:
+        go.set()
+        leader.join(timeout=10)
+        leader.kill()
 
 
 # ---------------------------------------------------------------- the openai SDK, for real
@@ -2753,11 +2774,11 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            for n, word in enumerate(("Par", "is.", None)):
+            for n, (word, finish) in enumerate((("Par", None), ("is.", "stop"), (None, None))):
                 if n == 1 and self.server.mode == "cut":
                     return
                 event = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
-                         "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}] if word else [],
+                         "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": finish}] if word else [],
                          "usage": None if word else {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22}}
                 data = f"data: {json.dumps(event)}\n\n".encode()
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -2837,43 +2858,49 @@ def test_openai_sdk_errors_reach_the_caller_and_nothing_is_cached(client, openai
     assert ChatCompletion.model_validate(answer).usage.total_tokens == 25
 
 
+def _sdk_stream(sdk, client, **params):
+    """get_or_set around the openai SDK's streamed chat completion, keyed on its params."""
+    return cache.get_or_set(MSGS, "gpt-4.1-mini", lambda: sdk.chat.completions.create(
+        model="gpt-4.1-mini", messages=MSGS, **params), client=client, params=params)
+
+
 def test_openai_sdk_streams_reach_the_server_once_and_give_identical_chunks(client, openai_server):
     httpd, sdk = openai_server
-    ask = functools.partial(cache.cached, sdk.chat.completions.create, model="gpt-4.1-mini", messages=MSGS,
-                            stream=True, client=client)
-    first, second = list(ask()), list(ask())
+    first, second = list(_sdk_stream(sdk, client, stream=True)), list(_sdk_stream(sdk, client, stream=True))
     assert len(httpd.requests) == 1 and first == second
     chunks = [ChatCompletionChunk.model_validate(c) for c in second]
     assert "".join(c.choices[0].delta.content for c in chunks if c.choices) == "Paris."
     assert cache.stats(client=client)["tokens_saved"] == 22  # the last chunk's usage
-    assert cache.cached(sdk.chat.completions.create, model="gpt-4.1-mini", messages=MSGS, client=client)
+    assert _sdk_stream(sdk, client)
     assert len(httpd.requests) == 2  # not streamed: another entry
 
 
 def test_openai_sdk_stream_the_server_cuts_stores_nothing(client, openai_server):
     httpd, sdk = openai_server
     httpd.mode = "cut"
-    stream = cache.cached(sdk.chat.completions.create, model="gpt-4.1-mini", messages=MSGS, stream=True,
-                          client=client)
-    with pytest.raises(openai.APIConnectionError):
+    with pytest.raises(Exception) as direct:  # what the SDK raises for a cut stream (an httpx error), uncached
+        list(sdk.chat.completions.create(model="gpt-4.1-mini", messages=MSGS, stream=True))
+    stream = _sdk_stream(sdk, client, stream=True)
+    with pytest.raises(type(direct.value)):  # the same reaches the cache's caller
         list(stream)
     keys = cache._keys(MSGS, "gpt-4.1-mini", {"stream": True})
     assert client.exists(keys[0], keys[1]) == 0
     httpd.mode = "ok"
-    assert len(list(cache.cached(sdk.chat.completions.create, model="gpt-4.1-mini", messages=MSGS, stream=True,
-                                 client=client))) == 3
-    assert len(httpd.requests) == 2
+    assert len(list(_sdk_stream(sdk, client, stream=True))) == 3
+    assert len(httpd.requests) == 3
 
 
 def test_openai_sdk_stream_dropped_after_a_chunk_releases_the_lock_and_the_response(client, openai_server):
     httpd, sdk = openai_server
-    stream = cache.cached(sdk.chat.completions.create, model="gpt-4.1-mini", messages=MSGS, stream=True,
-                          client=client)
+    cache.get_or_set(MSGS, "warm", counting(), client=client)  # (see test_a_stream_its_caller_stops_...)
+    stream = _sdk_stream(sdk, client, stream=True)
     assert ChatCompletionChunk.model_validate(next(stream)).choices[0].delta.content == "Par"
-    response = stream._relay.ag_frame.f_locals["got"].source.response  # the SDK's HTTP response
+    response = stream.gi_frame.f_locals["source"].response  # the SDK's HTTP response
     del stream
+    assert response.is_closed
+    cache.stats(client=client)  # (the release is the worker's)
     keys = cache._keys(MSGS, "gpt-4.1-mini", {"stream": True})
-    assert client.exists(keys[0], keys[1]) == 0 and response.is_closed
+    assert client.exists(keys[0], keys[1]) == 0
 
 
 def test_async_openai_streams_reach_the_server_once_and_a_cut_stores_nothing(ask_async_client, openai_server):
@@ -2881,16 +2908,21 @@ def test_async_openai_streams_reach_the_server_once_and_a_cut_stores_nothing(ask
     sdk = openai.AsyncOpenAI(base_url=str(sdk.base_url), api_key="test")
 
     async def read():
-        stream = await cache.acached(sdk.chat.completions.create, model="gpt-4.1-mini", messages=MSGS, stream=True,
-                                     client=aclient)
+        stream = await cache.aget_or_set(MSGS, "gpt-4.1-mini", lambda: sdk.chat.completions.create(
+            model="gpt-4.1-mini", messages=MSGS, stream=True), client=aclient, params={"stream": True})
         return [c async for c in stream]
 
+    async def direct():
+        return [c async for c in await sdk.chat.completions.create(model="gpt-4.1-mini", messages=MSGS, stream=True)]
+
     httpd.mode = "cut"
-    with pytest.raises(openai.APIConnectionError):
+    with pytest.raises(Exception) as uncached:  # what the SDK raises for a cut stream (an httpx error)
+        loop.run(direct())
+    with pytest.raises(type(uncached.value)):  # the same reaches the cache's caller
         loop.run(read())
     httpd.mode = "ok"
     first, second = loop.run(read()), loop.run(read())
-    assert len(httpd.requests) == 2 and first == second
+    assert len(httpd.requests) == 3 and first == second
     assert "".join(c.choices[0].delta.content for c in map(ChatCompletionChunk.model_validate, first)
                    if c.choices) == "Paris."
     loop.run(sdk.close())
