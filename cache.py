@@ -1570,7 +1570,7 @@ class AsyncTransport(Transport):
 def _http_req(request: Any, r: Any, ttl: Any, chores: _Chores, forward: Callable[[bool], Any]) -> _Req | None:
     """The cache's view of an HTTP request; None if it is not to be answered from the cache: no POST of a JSON object
     to a generation endpoint, or Cache-Control: no-store. The key holds no header but VERSION_HEADERS."""
-    url, headers = request.url, dict(request.headers.items())  # (names in lower case)
+    url, headers = request.url, _headers(request.headers.raw)
     control = _directives(headers.get("cache-control", ""))
     if (request.method != "POST" or not url.path.endswith(GENERATION_PATHS) or "/threads/" in url.path
             or "no-store" in control or "json" not in headers.get("content-type", "")):
@@ -1592,6 +1592,12 @@ def _http_req(request: Any, r: Any, ttl: Any, chores: _Chores, forward: Callable
     age = "0" if "no-cache" in control else control.get("max-age", "")
     req.max_age = int(age) * 1000 if age.isdigit() else None
     return req
+
+
+def _headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The request headers the cache reads, by their names in lower case (one pass: httpx's lookups are slow)."""
+    wanted = {b"cache-control", b"content-type", *(name.encode() for name in VERSION_HEADERS)}
+    return {name.decode().lower(): value.decode("latin-1") for name, value in raw if name.lower() in wanted}
 
 
 def _directives(header: str) -> dict[str, str]:

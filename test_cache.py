@@ -1487,9 +1487,9 @@ def test_a_cancelled_leader_releases_its_lock_at_once_and_leaves_no_task(ask_asy
 
     async def main():
         leader = asyncio.ensure_future(cache.aget_or_set(MSGS, "m", hanging, client=aclient))
-        follower = asyncio.ensure_future(cache.aget_or_set(MSGS, "m", counting(), client=aclient))
-        while not in_call:
+        while not in_call:  # it leads (a follower started with it might have led instead: its lookup came back first)
             await asyncio.sleep(0.01)
+        follower = asyncio.ensure_future(cache.aget_or_set(MSGS, "m", counting(), client=aclient))
         held = client.exists(lock)
         leader.cancel()
         with pytest.raises(asyncio.CancelledError):
