@@ -24,7 +24,7 @@ from openai.types.chat import ChatCompletion, ParsedChatCompletion
 from openai.types.responses import Response
 
 import cache
-from conftest import FORK, _free_port, _in_threads, async_twin
+from conftest import FORK, _free_port, _in_threads, async_twin, counting
 from fake_llm import FakeLLM
 
 KEY = "sk-secret-123"  # must never reach Redis
@@ -691,20 +691,12 @@ def either(request):
     return ask
 
 
-def _calls_of(answer):
-    def call_fn():
-        call_fn.calls += 1
-        return answer
-    call_fn.calls = 0
-    return call_fn
-
-
 def _entries(r):
     return [key for key in r.scan_iter(cache.PREFIX + "*") if r.type(key) == b"hash" and r.hexists(key, "v")]
 
 
 def test_response_model_a_hit_comes_back_as_the_model(either):
-    r, call_fn = fakeredis.FakeRedis(server=fakeredis.FakeServer()), _calls_of(City(name="Paris", country="France"))
+    r, call_fn = fakeredis.FakeRedis(server=fakeredis.FakeServer()), counting(City(name="Paris", country="France"))
     answers = [either(MSGS, GPT, call_fn, client=r, response_model=City) for _ in range(2)]
     from_dict = either(MSGS, "o3", lambda: {"name": "Lyon", "country": "France"}, client=r, response_model=City)
     assert [type(answer) for answer in answers] == [City, City]
@@ -714,7 +706,7 @@ def test_response_model_a_hit_comes_back_as_the_model(either):
 
 
 def test_response_model_a_model_with_other_fields_misses(either):
-    r, call_fn = fakeredis.FakeRedis(server=fakeredis.FakeServer()), _calls_of({"name": "Paris", "country": "France"})
+    r, call_fn = fakeredis.FakeRedis(server=fakeredis.FakeServer()), counting({"name": "Paris", "country": "France"})
 
     class Grown(City):
         population: int = 0
@@ -729,7 +721,7 @@ def test_response_model_an_entry_that_does_not_validate_is_a_miss_replaced_with_
         name: str
         country: str
 
-    r, call_fn = fakeredis.FakeRedis(server=fakeredis.FakeServer()), _calls_of({"name": "Paris", "country": "France"})
+    r, call_fn = fakeredis.FakeRedis(server=fakeredis.FakeServer()), counting({"name": "Paris", "country": "France"})
     answers = [either(MSGS, GPT, call_fn, client=r, response_model=Town)]
     with caplog.at_level(logging.WARNING, logger="cache"):
         for _ in range(2):
