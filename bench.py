@@ -335,20 +335,27 @@ def sdk_hit(url: str, mode: Mode) -> dict:
         return openai.OpenAI(base_url="http://llm.test/v1", api_key="sk-bench", max_retries=0,
                              http_client=httpx2.Client(transport=transport))
 
-    mocked, cached = sdk(answer), sdk(cache.Transport(answer, client=r))
     floor_key = cache.PREFIX + "floor"
+    get = r.execute_command
+
+    def one_get(request: Any) -> Any:  # the least a cache under the SDK does: one round trip, then the answer
+        get("GET", floor_key)
+        return answer.handle_request(request)
+
+    mocked, cached, getting = sdk(answer), sdk(cache.Transport(answer, client=r)), sdk(httpx2.MockTransport(one_get))
     r.set(floor_key, DATA, ex=TTL)
     cached.chat.completions.create(model=MODEL, messages=MSGS)  # the one miss: the entry every hit reads
-    get = r.execute_command
-    floor, sdk_alone, sdk_cached = in_rounds(mode.rounds, mode.hits // 4, [
+    floor, sdk_alone, sdk_cached, sdk_get = in_rounds(mode.rounds, mode.hits // 4, [
         lambda: json.loads(get("GET", floor_key)),
         lambda: mocked.chat.completions.create(model=MODEL, messages=MSGS),
-        lambda: cached.chat.completions.create(model=MODEL, messages=MSGS)])
+        lambda: cached.chat.completions.create(model=MODEL, messages=MSGS),
+        lambda: getting.chat.completions.create(model=MODEL, messages=MSGS)])
     cache.stats(client=r)
     r.delete(floor_key)
     added = [c - a for c, a in zip(sdk_cached, sdk_alone, strict=True)]
+    get_added = [g - a for g, a in zip(sdk_get, sdk_alone, strict=True)]
     figure = {**versus(floor, added), "sdk_us": statistics.median(sdk_alone),
-              "cached_us": statistics.median(sdk_cached)}
+              "cached_us": statistics.median(sdk_cached), "get": versus(floor, get_added)}
     return {**figure, **judged("sdk", figure["ratio"])}
 
 
@@ -660,7 +667,9 @@ def show_throughput(f: dict) -> list[str]:
 def show_sdk(f: dict) -> list[str]:
     return [f"{'openai create, MockTransport':<32} {f['sdk_us']:8.1f} us   (the SDK's own cost)",
             f"{'openai create, cache hit':<32} {f['cached_us']:8.1f} us",
-            ratio_line("  what the cache adds", f)]
+            ratio_line("  what the cache adds", f),
+            f"{'  what one GET adds there':<32} {f['get']['us']:8.1f} us   {f['get']['ratio']:.2f}x the floor   "
+            "(reference: a transport that does one GET, then answers)"]
 
 
 def show_crowd(f: dict) -> list[str]:

@@ -107,18 +107,14 @@ def _keys(messages: Any, model: Any, params: Any, shape: Any = None) -> list[str
         raise TypeError(f"messages and params must be JSON-serializable: {e}") from None
     except RecursionError:
         raise ValueError("messages and params nest too deeply to be serialized") from None
-    return _digest(blob)
+    digest = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+    tag = f"{PREFIX}{{{digest[:2]}}}"  # entries spread over 256 tags, so over every node of a Cluster
+    return [tag + digest, tag + digest + ":lock", tag + digest + ":stored", tag + "stats"]
 
 
 @functools.lru_cache(maxsize=256)  # model_json_schema costs more than a hit
 def _schema(shape: Any) -> dict:
     return shape.model_json_schema()
-
-
-def _digest(blob: str) -> list[str]:
-    digest = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
-    tag = f"{PREFIX}{{{digest[:2]}}}"  # entries spread over 256 tags, so over every node of a Cluster
-    return [tag + digest, tag + digest + ":lock", tag + digest + ":stored", tag + "stats"]
 
 
 def _json(result: Any, what: str = "call_fn returned") -> tuple[Any, str]:
@@ -335,10 +331,12 @@ class _Req:
     """One call: its client, keys, call_fn, request and settings; and, once it holds the request's lock, what
     its holder needs: the token, when to renew, and a stream's chunks for the worker to publish."""
 
-    __slots__ = ("r", "keys", "call_fn", "messages", "model", "s", "chores", "token", "corrupt", "held", "leading",
-                 "renew_at", "paused", "texts", "sent", "max_age", "sse", "outcome", "shape")
-    paused: float | None  # since when a stream's caller has held its last chunk
-    texts: list[str]  # a stream's chunks, as JSON, for the worker to publish
+    token, corrupt, held, leading = "", b"", False, False
+    renew_at, sent = 0.0, 0  # when the holder renews next; how many of a stream's chunks the worker published
+    paused: float | None = None  # since when a stream's caller has held its last chunk
+    max_age: int | None = None  # ms an entry may have been stored, for HTTP's Cache-Control
+    sse, outcome = False, "hit"  # an HTTP stream's; what the answer came from: hit, miss or bypass
+    shape: Any = None  # the pydantic model the caller wants the answer as
 
     def __init__(self, r: Any, keys: list[str], call_fn: Any, ttl: Any, chores: _Chores, messages: list,
                  model: str) -> None:
@@ -349,11 +347,7 @@ class _Req:
                            RETRY_AFTER)
         self.r, self.keys, self.call_fn, self.chores = r, keys, call_fn, chores
         self.messages, self.model = messages, model  # for tiktoken, when an answer carries no usage
-        self.token, self.corrupt, self.held, self.leading = "", b"", False, False
-        self.renew_at, self.paused, self.texts, self.sent = 0.0, None, [], 0  # (a holder's)
-        self.max_age: int | None = None  # ms an entry may have been stored, for HTTP's Cache-Control
-        self.sse, self.outcome = False, "hit"  # an HTTP stream's; what the answer came from: hit, miss or bypass
-        self.shape: Any = None  # the pydantic model the caller wants the answer as
+        self.texts: list[str] = []  # a stream's chunks, as JSON, for the worker to publish
 
 
 # ---------------------------------------------------------------- clients and the breaker (both paths)
@@ -779,21 +773,23 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
     req.shape = response_model
     value = _get(req)
     if value is _MISS:
-        value = _single_flight(req)
-    return _shaped(req, (chunk for chunk in value) if isinstance(value, _Stored) else value)
+        value = _shaped(req, _single_flight(req))
+    return (chunk for chunk in value) if isinstance(value, _Stored) else value
 
 
 def _get(req: _Req) -> Any:
-    """The stored answer, counted as a hit; _MISS if there is none, or Redis is down."""
+    """The stored answer, counted as a hit; _MISS if there is none, or Redis is down or has no connection for it
+    now (then the lookup that follows waits for one)."""
     if req.r is None or _down_until.get(req.r, 0) > time.monotonic():
         return _MISS
     try:
         if req.max_age is None:
-            data = _command(req.r, "HGET", req.keys[0], "v")
+            data = req.r.execute_command("HGET", req.keys[0], "v", NEVER_DECODE=True)
         else:
-            data = _fresh(req, *_command(req.r, "HMGET", req.keys[0], "v", "s"))
+            data = _fresh(req, *req.r.execute_command("HMGET", req.keys[0], "v", "s", NEVER_DECODE=True))
     except _ERRORS as e:
-        _failed(req.r, e)
+        if not _busy(e):
+            _failed(req.r, e)
         return _MISS
     return _hit(req, data)
 
@@ -809,8 +805,8 @@ def _hit(req: _Req, data: bytes | None) -> Any:
     """A stored answer, counted as a hit; _MISS if there is none, or it is corrupt (the store may replace it)."""
     if data is None:
         return _MISS
-    try:
-        value = _decoded(data)
+    try:  # an entry of JSON text, or a stream's or an HTTP answer's, which start with a control character
+        value = json.loads(data) if data[:1] > b"\x1f" else _decoded(data)
     except (ValueError, RecursionError):  # not JSON, or not UTF-8
         req.corrupt = data
         return _MISS
@@ -832,7 +828,7 @@ def _invalid(shape: type) -> None:
 
 def _shaped(req: _Req, value: Any) -> Any:
     """The answer as the response_model the caller named, if it named one (a hit's is one already)."""
-    if req.shape is None or isinstance(value, (req.shape, Iterator, AsyncIterator)):
+    if req.shape is None or isinstance(value, (req.shape, Iterator, AsyncIterator, _Stored)):
         return value
     return req.shape.model_validate(value)
 
@@ -1208,20 +1204,21 @@ async def aget_or_set(messages: list[dict], model: str, call_fn: Callable[[], An
     req.shape = response_model
     value = await _aget(req)
     if value is _MISS:
-        value = await _asingle_flight(req)
-    return _shaped(req, _areplay(value) if isinstance(value, _Stored) else value)
+        value = _shaped(req, await _asingle_flight(req))
+    return _areplay(value) if isinstance(value, _Stored) else value
 
 
 async def _aget(req: _Req) -> Any:
     if req.r is None or _down_until.get(req.r, 0) > time.monotonic():
         return _MISS
-    try:
+    try:  # (no gate: a task that finds the pool busy queues at the lookup's)
         if req.max_age is None:
-            data = await _acommand(req.r, "HGET", req.keys[0], "v")
+            data = await req.r.execute_command("HGET", req.keys[0], "v", NEVER_DECODE=True)
         else:
-            data = _fresh(req, *await _acommand(req.r, "HMGET", req.keys[0], "v", "s"))
+            data = _fresh(req, *await req.r.execute_command("HMGET", req.keys[0], "v", "s", NEVER_DECODE=True))
     except _ERRORS as e:
-        _failed(req.r, e)
+        if not _busy(e):
+            _failed(req.r, e)
         return _MISS
     return _hit(req, data)
 
@@ -1581,13 +1578,14 @@ def _http_req(request: Any, r: Any, ttl: Any, chores: _Chores, forward: Callable
         return None
     if not isinstance(body, dict) or "conversation" in body:  # a Responses conversation: server state, not the key
         return None
+    endpoint = f"{request.method} {url.scheme}://{url.host}:{url.port}{url.path}?{url.query.decode()}"
     versions = {name: headers[name] for name in VERSION_HEADERS if name in headers}
     fields = {name: value for name, value in body.items() if name not in IGNORED_FIELDS}
-    key = _canonical([request.method, url.scheme, url.host, url.port, url.path, url.query.decode(), versions, fields])
     messages = body.get("messages")
     messages = messages if isinstance(messages, list) and all(isinstance(m, dict) for m in messages) else []
     sse = body.get("stream") is True  # as the SDKs decide it: by the request, whatever the answer's content-type
-    req = _Req(r, _digest(key), lambda: forward(sse), ttl, chores, messages, str(body.get("model") or "-"))
+    req = _Req(r, _keys([], endpoint, {"headers": versions, "body": fields}), lambda: forward(sse), ttl, chores,
+               messages, str(body.get("model") or "-"))
     req.sse = sse
     age = "0" if "no-cache" in control else control.get("max-age", "")
     req.max_age = int(age) * 1000 if age.isdigit() else None
