@@ -616,7 +616,7 @@ def test_redis_timeout_is_read_at_call_time(server, monkeypatch):
 
 
 def test_unreachable_redis_is_answered_by_the_model_with_a_warning(ask, caplog):
-    dead = redis.Redis(port=_free_port())
+    dead = redis.Redis(port=_free_port(), retry=None)  # refused at once, not retried
     call_fn = counting()
     with caplog.at_level(logging.WARNING, logger="cache"):
         assert ask(MSGS, "m", call_fn, client=dead) == ANSWER
@@ -627,7 +627,7 @@ def test_unreachable_redis_is_answered_by_the_model_with_a_warning(ask, caplog):
 
 def test_stats_raise_when_redis_is_down(ask):
     with pytest.raises(redis.ConnectionError):
-        ask.stats(client=redis.Redis(port=_free_port()))
+        ask.stats(client=redis.Redis(port=_free_port(), retry=None))  # refused at once, not retried
 
 
 def test_a_fractional_lock_ttl_works(ask, client, monkeypatch):
@@ -1857,9 +1857,9 @@ class DelayingProxy:
 def test_replies_delayed_past_the_timeout_never_give_a_wrong_answer(ask, server, monkeypatch):
     monkeypatch.setattr(cache, "RETRY_AFTER", 0)  # try Redis on every call, so every call crosses the proxy
     rng = random.Random(7)
-    proxy = DelayingProxy(server.port, delay=0.15, when=lambda data: rng.random() < 0.03)
+    proxy = DelayingProxy(server.port, delay=0.08, when=lambda data: rng.random() < 0.03)
     retry = redis.retry.Retry(redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
-    r = redis.Redis(port=proxy.port, socket_timeout=0.1, retry=retry)
+    r = redis.Redis(port=proxy.port, socket_timeout=0.05, retry=retry)
     questions = random.Random(1)
     wrong = []
     for _ in range(1000):
@@ -2379,7 +2379,7 @@ def test_aget_or_set_relays_an_async_iterator(ask_async_client, client):
 
 
 def test_with_redis_down_chunks_pass_straight_through_converted(ask, caplog):
-    dead = redis.Redis(port=_free_port())
+    dead = redis.Redis(port=_free_port(), retry=None)  # refused at once, not retried
     model = Model([ChatCompletionChunk.model_validate(c) for c in CHUNKS])
     with caplog.at_level(logging.WARNING, logger="cache"):
         for _ in range(2):
