@@ -975,6 +975,7 @@ def _call(req: _Req) -> tuple[Any, bytes | None]:
         raise
     tokens = _tokens(req.messages, req.model, value)
     if req.held and not _up(req.r):  # Redis failed just now: the caller must not wait out another timeout
+        req.outcome = "bypass"
         req.chores.poke(_finish, req, data, tokens)
     elif req.token and _up(req.r) and (stored := _finish(req, data, tokens)) is not None:
         return _decoded(stored), stored
@@ -1011,6 +1012,7 @@ def _finish(req: _Req, data: bytes, tokens: int) -> bytes | None:
             # owner check makes a repeat harmless
             if not again or not isinstance(e, redis.ConnectionError) or _busy(e):
                 _failed(req.r, e)
+                req.outcome = "bypass"  # not stored (Redis out of memory, say)
     return None
 
 
@@ -1331,6 +1333,7 @@ async def _acall(req: _Req) -> tuple[Any, bytes | None]:
         raise
     tokens = _tokens(req.messages, req.model, value)
     if req.held and not _up(req.r):
+        req.outcome = "bypass"
         req.chores.poke(_afinish, req, data, tokens)
     elif req.token and _up(req.r) and (stored := await _asettled(_afinish(req, data, tokens))) is not None:
         return _decoded(stored), stored
@@ -1363,6 +1366,7 @@ async def _afinish(req: _Req, data: bytes, tokens: int) -> bytes | None:
         except _ERRORS as e:
             if not again or not isinstance(e, redis.ConnectionError) or _busy(e):
                 _failed(req.r, e)
+                req.outcome = "bypass"  # not stored (Redis out of memory, say)
     return None
 
 

@@ -473,6 +473,24 @@ def test_with_redis_killed_every_call_answers_and_bypasses(mode, srv, server):
     assert answers == [(_echo(srv, n), "bypass") for n in (2, 3, 4)]
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_with_redis_refusing_writes_a_cached_answer_hits_and_a_new_one_bypasses(mode, srv, server):
+    r = server.client()
+    assert _chat(_openai(srv.url, r)) == (_echo(srv, 1), "miss")
+    r.replicaof("127.0.0.1", _free_port())  # a read-only replica of nothing: it serves reads, refuses writes
+
+    async def achat(**kw):
+        raw = await _aopenai(srv.url, async_twin(r)).chat.completions.with_raw_response.create(
+            model=GPT, messages=MSGS, **kw)
+        return raw.parse().choices[0].message.content, raw.headers["x-llm-cache"]
+
+    ask = _chat if mode == "sync" else lambda oc, **kw: asyncio.run(achat(**kw))
+    oc = _openai(srv.url, r)
+    assert ask(oc) == (_echo(srv, 1), "hit")
+    assert ask(oc, temperature=0.5) == (_echo(srv, 2), "bypass")  # answered, but not stored
+    assert ask(oc, temperature=0.5) == (_echo(srv, 3), "bypass")
+
+
 # ---------------------------------------------------------------- one call for many callers
 
 def test_8_threads_sending_one_request_make_one_call(srv, r):
