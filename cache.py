@@ -462,8 +462,10 @@ return math.max(redis.call('PTTL', KEYS[2]), 1)
 _FINISH = _Script("""
 local stored, wake = redis.pcall('HGET', KEYS[1], 'v'), false
 if ARGV[2] ~= '' and (type(stored) ~= 'string' or stored == ARGV[7]) then
-  redis.call('DEL', KEYS[1])
+  if type(stored) == 'table' then redis.call('DEL', KEYS[1]) end  -- another type's key
+  -- the HSET writes first: a script that has written may write past maxmemory, so out of memory it stores nothing
   redis.call('HSET', KEYS[1], 'v', ARGV[2], 't', ARGV[3], 's', ARGV[8])
+  redis.call('HDEL', KEYS[1], 'w', 'n')  -- a replaced entry's hot window
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('HINCRBY', KEYS[4], 'misses', 1)
   redis.call('PEXPIRE', KEYS[4], ARGV[6])

@@ -1810,7 +1810,7 @@ def test_out_of_memory_is_not_an_outage(ask, server, caplog):
         assert ask(MSGS, "cached", call_fn, client=r) == ANSWER
         assert call_fn.calls == 0  # a hit still served
         assert ask(MSGS, "new", call_fn, client=r) == ANSWER
-        assert ask(MSGS, "newer", call_fn, client=r) == ANSWER
+        assert ask(MSGS, "new", call_fn, client=r) == ANSWER
         assert call_fn.calls == 2  # misses answered by call_fn, uncached
         for _ in range(5):  # Redis answered, so it is not skipped: the cached request is still a hit
             assert ask(MSGS, "cached", call_fn, client=r) == ANSWER
