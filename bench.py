@@ -301,7 +301,7 @@ def miss(url: str, mode: Mode) -> dict:
     fresh_prefix("miss")
     r, model, total = redis.Redis.from_url(url), Model(), mode.rounds * mode.misses + 1
     questions = iter([[{"role": "user", "content": f"miss {i}"}] for i in range(total)])
-    keys = iter([f"{cache.PREFIX}floor:{i}" for i in range(total)])
+    keys = iter([f"{cache.PREFIX}floor:{i}" for i in range(2 * total)])
     get = r.execute_command
 
     def floor() -> None:
@@ -309,14 +309,21 @@ def miss(url: str, mode: Mode) -> dict:
         get("GET", key)
         get("SET", key, DATA, "EX", TTL)
 
+    def three_trips() -> None:  # a single flight's least: look, lock, store (its release would be a fourth)
+        key = next(keys)
+        get("GET", key)
+        get("SET", key + ":lock", "token", "NX", "PX", 10_000)
+        get("SET", key, DATA, "EX", TTL)
+
     def a_miss() -> None:
         cache.get_or_set(next(questions), MODEL, model, TTL, client=r)
 
     floor()  # the connection and the cache's scripts, ready before the first round
     a_miss()
-    floors, misses = in_rounds(mode.rounds, mode.misses, [floor, a_miss], after=lambda: cache.stats(client=r))
+    floors, trips, misses = in_rounds(mode.rounds, mode.misses, [floor, three_trips, a_miss],
+                                      after=lambda: cache.stats(client=r))
     figure = versus(floors, misses)
-    return {**figure, "hits": total - model.calls, **judged("miss", figure["ratio"])}
+    return {**figure, "trips": versus(floors, trips), "hits": total - model.calls, **judged("miss", figure["ratio"])}
 
 
 def sdk_hit(url: str, mode: Mode) -> dict:
@@ -655,7 +662,9 @@ def show_async(f: dict) -> list[str]:
 
 
 def show_miss(f: dict) -> list[str]:
+    t = f["trips"]
     return [f"{'floor: GET nothing + SET EX':<32} {f['floor_us']:8.1f} us",
+            f"{'  + SET NX PX (a lock) between':<32} {t['us']:8.1f} us   {t['ratio']:.2f}x the floor   (reference)",
             ratio_line("miss, caller's wait", f) + (f"   {f['hits']} misses hit!" if f["hits"] else "")]
 
 

@@ -107,14 +107,18 @@ def _keys(messages: Any, model: Any, params: Any, shape: Any = None) -> list[str
         raise TypeError(f"messages and params must be JSON-serializable: {e}") from None
     except RecursionError:
         raise ValueError("messages and params nest too deeply to be serialized") from None
-    digest = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
-    tag = f"{PREFIX}{{{digest[:2]}}}"  # entries spread over 256 tags, so over every node of a Cluster
-    return [tag + digest, tag + digest + ":lock", tag + digest + ":stored", tag + "stats"]
+    return _digest(blob)
 
 
 @functools.lru_cache(maxsize=256)  # model_json_schema costs more than a hit
 def _schema(shape: Any) -> dict:
     return shape.model_json_schema()
+
+
+def _digest(blob: str) -> list[str]:
+    digest = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+    tag = f"{PREFIX}{{{digest[:2]}}}"  # entries spread over 256 tags, so over every node of a Cluster
+    return [tag + digest, tag + digest + ":lock", tag + digest + ":stored", tag + "stats"]
 
 
 def _json(result: Any, what: str = "call_fn returned") -> tuple[Any, str]:
@@ -123,7 +127,7 @@ def _json(result: Any, what: str = "call_fn returned") -> tuple[Any, str]:
         result.close()
         raise TypeError(f"{what} a coroutine: await aget_or_set for an async call")
     if hasattr(result, "model_dump"):  # pydantic, such as the openai SDK's ChatCompletion
-        result = result.model_dump(mode="json")
+        result = result.model_dump(mode="json", by_alias=True)  # what model_validate takes back
     try:
         data = json.dumps(result, separators=(",", ":"), allow_nan=False)
         return json.loads(data), data  # exactly what a later hit returns
@@ -315,18 +319,6 @@ def _ms(name: str, seconds: Any, least: float = 0.001, most: float = _MAX_SECOND
     return math.ceil(seconds * 1000)
 
 
-def _needs_arguments(fn: Callable) -> bool:
-    # read off a function's or method's code: inspect.signature costs 10-300 µs, more than a hit. Other callables
-    # (a partial, a builtin, an object) tell at the call, and so does a decorator's (*args, **kwargs), which may
-    # supply what the function it wraps needs
-    func: Any = fn.__func__ if isinstance(fn, types.MethodType) else fn
-    code, given = getattr(func, "__code__", None), func is not fn  # a method's first argument is given
-    if not isinstance(code, types.CodeType):
-        return False
-    return (code.co_argcount - len(getattr(func, "__defaults__", None) or ()) > given
-            or code.co_kwonlyargcount > len(getattr(func, "__kwdefaults__", None) or {}))
-
-
 class _Req:
     """One call: its client, keys, call_fn, request and settings; and, once it holds the request's lock, what
     its holder needs: the token, when to renew, and a stream's chunks for the worker to publish."""
@@ -340,7 +332,13 @@ class _Req:
 
     def __init__(self, r: Any, keys: list[str], call_fn: Any, ttl: Any, chores: _Chores, messages: list,
                  model: str) -> None:
-        if not callable(call_fn) or _needs_arguments(call_fn):
+        # call_fn's parameters, read off its code: inspect.signature costs 10-300 µs, more than a hit. Other
+        # callables (a partial, a builtin, an object) tell at the call, and so does a decorator's (*args, **kwargs)
+        func: Any = call_fn.__func__ if isinstance(call_fn, types.MethodType) else call_fn
+        code, given = getattr(func, "__code__", None), func is not call_fn  # a method's first argument is given
+        if not callable(call_fn) or isinstance(code, types.CodeType) and (
+                code.co_argcount - len(getattr(func, "__defaults__", None) or ()) > given
+                or code.co_kwonlyargcount > len(getattr(func, "__kwdefaults__", None) or {})):
             name = getattr(call_fn, "__qualname__", type(call_fn).__name__)
             raise TypeError(f"call_fn must be a callable taking no arguments, got {name}")
         self.s = _settings(ttl, DEFAULT_TTL, LOCK_TTL, HOT_THRESHOLD, HOT_TTL, HOT_WINDOW, STATS_TTL, MAX_WAIT,
@@ -780,20 +778,21 @@ def get_or_set(messages: list[dict], model: str, call_fn: Callable[[], Any], ttl
 
 
 def _get(req: _Req) -> Any:
-    """The stored answer, counted as a hit; _MISS if there is none, or Redis is down or has no connection for it
-    now (then the lookup that follows waits for one)."""
+    """The stored answer, counted as a hit; _MISS if there is none, or Redis is down."""
     if req.r is None or _down_until.get(req.r, 0) > time.monotonic():
         return _MISS
+    read = ("HGET", req.keys[0], "v") if req.max_age is None else ("HMGET", req.keys[0], "v", "s")
     try:
-        if req.max_age is None:
-            data = req.r.execute_command("HGET", req.keys[0], "v", NEVER_DECODE=True)
-        else:
-            data = _fresh(req, *req.r.execute_command("HMGET", req.keys[0], "v", "s", NEVER_DECODE=True))
+        try:
+            data = req.r.execute_command(*read, NEVER_DECODE=True)
+        except redis.ConnectionError as e:
+            if not _busy(e):
+                raise
+            data = _command(req.r, *read)  # no connection to be had now (a busy pool, maxclients): wait for one
     except _ERRORS as e:
-        if not _busy(e):
-            _failed(req.r, e)
+        _failed(req.r, e)
         return _MISS
-    return _hit(req, data)
+    return _hit(req, data if req.max_age is None else _fresh(req, *data))
 
 
 def _fresh(req: _Req, data: bytes | None, stored_at: bytes | None) -> bytes | None:
@@ -857,14 +856,14 @@ def _script(r: Any, script: _Script, keys: list[str], *args: Any) -> Any:
 def _single_flight(req: _Req) -> Any:
     """Go's singleflight: one caller per process and request goes on to Redis's lock and the model; the others
     share its outcome (its answer, or its exception: the same object) and wait as long as it does."""
-    key, mine = (id(req.r), "threads", req.keys[0]), concurrent.futures.Future[Any]()
+    key, mine = (id(req.r), "threads", req.keys[0], req.max_age), concurrent.futures.Future[Any]()
     mine.leader = threading.current_thread()  # type: ignore[attr-defined]
     while (flight := _flights.setdefault(key, mine)) is not mine:  # atomic: one dict operation
         if _leads(req) or not _wait(flight):  # call_fn asked for its own request: it must not wait for itself
             return _trip(req, wait=False)[0]
         data = flight.result()  # the leader's exception raised again, if it got one
-        if data is not None:  # else no answer to share (a stream's): the next in line goes on
-            return _hit(req, data)
+        if data is not None and (value := _hit(req, data)) is not _MISS:  # else the next in line goes on: no
+            return value  # answer to share (a stream's), or none this caller takes (not its response_model)
     try:
         value, data = _trip(req, wait=True)
     except BaseException as e:
@@ -1215,14 +1214,13 @@ async def aget_or_set(messages: list[dict], model: str, call_fn: Callable[[], An
 async def _aget(req: _Req) -> Any:
     if req.r is None or _down_until.get(req.r, 0) > time.monotonic():
         return _MISS
-    try:  # (no gate: a task that finds the pool busy queues at the lookup's)
+    try:
         if req.max_age is None:
-            data = await req.r.execute_command("HGET", req.keys[0], "v", NEVER_DECODE=True)
+            data = await _acommand(req.r, "HGET", req.keys[0], "v")
         else:
-            data = _fresh(req, *await req.r.execute_command("HMGET", req.keys[0], "v", "s", NEVER_DECODE=True))
+            data = _fresh(req, *await _acommand(req.r, "HMGET", req.keys[0], "v", "s"))
     except _ERRORS as e:
-        if not _busy(e):
-            _failed(req.r, e)
+        _failed(req.r, e)
         return _MISS
     return _hit(req, data)
 
@@ -1248,13 +1246,13 @@ async def _ascript(r: Any, script: _Script, keys: list[str], *args: Any) -> Any:
 
 async def _asingle_flight(req: _Req) -> Any:
     loop = asyncio.get_running_loop()
-    key, mine = (id(req.r), loop, req.keys[0]), loop.create_future()
+    key, mine = (id(req.r), loop, req.keys[0], req.max_age), loop.create_future()
     while (flight := _flights.setdefault(key, mine)) is not mine:
         if _leads(req):  # a child task inherits its context, and so its mark
             return (await _atrip(req, wait=False))[0]
         data = await asyncio.shield(flight)  # shielded: a follower cancelled doesn't cancel the others
-        if data is not None:
-            return _hit(req, data)
+        if data is not None and (value := _hit(req, data)) is not _MISS:
+            return value
     try:
         value, data = await _atrip(req, wait=True)
     except BaseException as e:
@@ -1584,14 +1582,14 @@ def _http_req(request: Any, r: Any, ttl: Any, chores: _Chores, forward: Callable
         return None
     if not isinstance(body, dict) or "conversation" in body:  # a Responses conversation: server state, not the key
         return None
-    endpoint = f"{request.method} {url.scheme}://{url.host}:{url.port}{url.path}?{url.query.decode()}"
     versions = {name: headers[name] for name in VERSION_HEADERS if name in headers}
     fields = {name: value for name, value in body.items() if name not in IGNORED_FIELDS}
+    # seven items: get_or_set's keys are made of three or four, so neither can name the other's entries
+    key = _canonical([request.method, url.scheme, url.host, url.port, url.raw_path.decode(), versions, fields])
     messages = body.get("messages")
     messages = messages if isinstance(messages, list) and all(isinstance(m, dict) for m in messages) else []
     sse = body.get("stream") is True  # as the SDKs decide it: by the request, whatever the answer's content-type
-    req = _Req(r, _keys([], endpoint, {"headers": versions, "body": fields}), lambda: forward(sse), ttl, chores,
-               messages, str(body.get("model") or "-"))
+    req = _Req(r, _digest(key), lambda: forward(sse), ttl, chores, messages, str(body.get("model") or "-"))
     req.sse = sse
     age = "0" if "no-cache" in control else control.get("max-age", "")
     req.max_age = int(age) * 1000 if age.isdigit() else None

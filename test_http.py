@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+import time
 import warnings
 
 import anthropic
@@ -362,6 +364,17 @@ def test_two_servers_asked_the_same_each_give_their_own_answer(r):
     assert one.count == two.count == 1
 
 
+def test_a_path_and_a_query_that_spell_another_endpoint_together_are_not_it():
+    def model(request):
+        return httpx.Response(200, json={"path": request.url.raw_path.decode()})
+
+    http = httpx.Client(transport=cache.Transport(httpx.MockTransport(model), client=fakeredis.FakeRedis()))
+    urls = ["https://llm.test/v1/chat/completions?a=1/chat/completions?x",
+            "https://llm.test/v1/chat/completions%3Fa=1/chat/completions?x"]  # the same, once its path is decoded
+    answers = [http.post(url, json={"model": GPT, "messages": MSGS}) for url in urls]
+    assert [(a.headers["x-llm-cache"], a.json()["path"]) for a in answers] == [("miss", url[16:]) for url in urls]
+
+
 def test_requests_differing_only_in_ignored_fields_hit_and_another_temperature_misses(srv):
     oc = _openai(srv.url, fakeredis.FakeRedis())
     variants = [{}, {"user": "ann"}, {"metadata": {"team": "a"}, "store": True}, {"service_tier": "flex"},
@@ -546,6 +559,15 @@ def test_cache_control_no_cache_is_still_one_call_for_many_callers(srv, r):
     answers = _in_threads(4, lambda: _chat(oc, **_control("no-cache")))
     assert sorted(answers) == [(_echo(srv, 2), "hit")] * 3 + [(_echo(srv, 2), "miss")]
     assert srv.count == 2
+
+
+def test_cache_control_no_cache_is_obeyed_while_the_pool_has_no_connection_free(srv, real_url):
+    r = redis.Redis.from_url(real_url, max_connections=1)
+    oc = _openai(srv.url, r)
+    assert _chat(oc) == (_echo(srv, 1), "miss")
+    held = r.connection_pool.get_connection()
+    threading.Timer(0.2, r.connection_pool.release, [held]).start()  # another user's, for 0.2 s
+    assert _chat(oc, **_control("no-cache")) == (_echo(srv, 2), "miss")
 
 
 def test_cache_control_max_age_refreshes_an_older_answer(srv, r):
@@ -750,3 +772,31 @@ def test_response_model_an_entry_that_does_not_validate_is_a_miss_replaced_with_
     assert call_fn.calls == 3  # the first, and once per invalid entry: then it was replaced
     assert [record.getMessage() for record in caplog.records if "Town" in record.getMessage()] == [
         "llm cache: entries that are no valid Town count as misses and are replaced"]
+
+
+def test_response_model_with_aliases_comes_back_from_the_instance_call_fn_returns(either):
+    class Person(pydantic.BaseModel):
+        full_name: str = pydantic.Field(alias="fullName")
+
+    r, call_fn = fakeredis.FakeRedis(server=fakeredis.FakeServer()), counting(Person(fullName="Ada"))
+    answers = [either(MSGS, GPT, call_fn, client=r, response_model=Person) for _ in range(2)]
+    assert answers == [Person(fullName="Ada")] * 2
+    assert call_fn.calls == 1
+
+
+def test_response_model_threads_sharing_an_answer_that_is_not_the_model_each_get_its_validation_error(real_url):
+    class Count(pydantic.BaseModel):
+        n: int
+
+    r = redis.Redis.from_url(real_url)
+
+    def call_fn():
+        time.sleep(0.2)  # so that the others follow
+        call_fn.calls += 1
+        return {"n": "many"}
+
+    call_fn.calls = 0
+    errors = _in_threads(4, lambda: cache.get_or_set(MSGS, GPT, call_fn, client=r, response_model=Count))
+    assert [type(e) for e in errors] == [pydantic.ValidationError] * 4
+    assert all("input_value='many'" in str(e) for e in errors)
+    assert call_fn.calls == 4  # each gets the answer from the model: none takes the stored one for a Count
