@@ -127,7 +127,7 @@ def _json(result: Any, what: str = "call_fn returned") -> tuple[Any, str]:
         result.close()
         raise TypeError(f"{what} a coroutine: await aget_or_set for an async call")
     if hasattr(result, "model_dump"):  # pydantic, such as the openai SDK's ChatCompletion
-        result = result.model_dump(mode="json", by_alias=True)  # what model_validate takes back
+        result = result.model_dump(mode="json")
     try:
         data = json.dumps(result, separators=(",", ":"), allow_nan=False)
         return json.loads(data), data  # exactly what a later hit returns
@@ -456,24 +456,29 @@ return math.max(redis.call('PTTL', KEYS[2]), 1)
 # ms, 6 STATS_TTL ms, 7 a value the caller may replace ('' if none), 8 the caller's clock in ms.  The first answer
 # stored wins: the value is stored over no entry, another type or that value only. Releases the lock if it is still
 # the caller's, and wakes the waiters if either happened (trimming a stream's chunks). Returns the answer stored
-# before, if any.
+# before, if any; or Redis's refusal of the store (out of memory), as an error, once the lock is released.
 _FINISH = _Script("""
-local stored, wake = redis.pcall('HGET', KEYS[1], 'v'), false
+local stored, wake, refused = redis.pcall('HGET', KEYS[1], 'v'), false, nil
 if ARGV[2] ~= '' and (type(stored) ~= 'string' or stored == ARGV[7]) then
   if type(stored) == 'table' then redis.call('DEL', KEYS[1]) end  -- another type's key
   -- the HSET writes first: a script that has written may write past maxmemory, so out of memory it stores nothing
-  redis.call('HSET', KEYS[1], 'v', ARGV[2], 't', ARGV[3], 's', ARGV[8])
-  redis.call('HDEL', KEYS[1], 'w', 'n')  -- a replaced entry's hot window
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  redis.call('HINCRBY', KEYS[4], 'misses', 1)
-  redis.call('PEXPIRE', KEYS[4], ARGV[6])
-  stored, wake = false, true
+  local set = redis.pcall('HSET', KEYS[1], 'v', ARGV[2], 't', ARGV[3], 's', ARGV[8])
+  if type(set) == 'table' then
+    refused = set  -- still released and woken below: the waiters ask again
+  else
+    redis.call('HDEL', KEYS[1], 'w', 'n')  -- a replaced entry's hot window
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+    redis.call('HINCRBY', KEYS[4], 'misses', 1)
+    redis.call('PEXPIRE', KEYS[4], ARGV[6])
+    stored, wake = false, true
+  end
 end
 if redis.call('GET', KEYS[2]) == ARGV[1] then wake = redis.call('DEL', KEYS[2]) end
 if wake then
   redis.call('XADD', KEYS[3], 'MAXLEN', '1', '*', 'stored', '1')
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
+if refused then return refused end
 if ARGV[2] ~= '' and type(stored) == 'string' then return stored end
 """)
 # KEYS: 1 a lock, 2 its stream.  ARGV: 1 the holder's token, 2 LOCK_TTL ms.  Returns 1 if the lock was still the
@@ -813,7 +818,7 @@ def _hit(req: _Req, data: bytes | None) -> Any:
         return _MISS
     if req.shape is not None and not isinstance(value, (_Stored, req.shape)):
         try:
-            value = req.shape.model_validate(value)
+            value = _validated(req.shape, value)
         except ValueError:  # pydantic's ValidationError: an answer of an older shape, say
             _invalid(req.shape)
             req.corrupt = data
@@ -831,7 +836,15 @@ def _shaped(req: _Req, value: Any) -> Any:
     """The answer as the response_model the caller named, if it named one (a hit's is one already)."""
     if req.shape is None or isinstance(value, (req.shape, Iterator, AsyncIterator, _Stored)):
         return value
-    return req.shape.model_validate(value)
+    return _validated(req.shape, value)
+
+
+def _validated(shape: Any, value: Any) -> Any:
+    """value as a shape: by field name, as model_dump stored it, or by alias."""
+    try:
+        return shape.model_validate(value, by_name=True)
+    except TypeError:  # pydantic before 2.11, which reads aliases only
+        return shape.model_validate(value)
 
 
 def _command(r: Any, *args: Any) -> Any:
@@ -862,8 +875,9 @@ def _single_flight(req: _Req) -> Any:
         if _leads(req) or not _wait(flight):  # call_fn asked for its own request: it must not wait for itself
             return _trip(req, wait=False)[0]
         data = flight.result()  # the leader's exception raised again, if it got one
-        if data is not None and (value := _hit(req, data)) is not _MISS:  # else the next in line goes on: no
-            return value  # answer to share (a stream's), or none this caller takes (not its response_model)
+        if data is not None:  # else no answer to share (a stream's): the next in line goes on
+            value = _hit(req, data)
+            return _decoded(data) if value is _MISS else value  # not its response_model: _shaped says why
     try:
         value, data = _trip(req, wait=True)
     except BaseException as e:
@@ -1014,6 +1028,7 @@ def _finish(req: _Req, data: bytes, tokens: int) -> bytes | None:
             if not again or not isinstance(e, redis.ConnectionError) or _busy(e):
                 _failed(req.r, e)
                 req.outcome = "bypass"  # not stored (Redis out of memory, say)
+                return None
     return None
 
 
@@ -1251,8 +1266,9 @@ async def _asingle_flight(req: _Req) -> Any:
         if _leads(req):  # a child task inherits its context, and so its mark
             return (await _atrip(req, wait=False))[0]
         data = await asyncio.shield(flight)  # shielded: a follower cancelled doesn't cancel the others
-        if data is not None and (value := _hit(req, data)) is not _MISS:
-            return value
+        if data is not None:
+            value = _hit(req, data)
+            return _decoded(data) if value is _MISS else value
     try:
         value, data = await _atrip(req, wait=True)
     except BaseException as e:
@@ -1367,6 +1383,7 @@ async def _afinish(req: _Req, data: bytes, tokens: int) -> bytes | None:
             if not again or not isinstance(e, redis.ConnectionError) or _busy(e):
                 _failed(req.r, e)
                 req.outcome = "bypass"  # not stored (Redis out of memory, say)
+                return None
     return None
 
 

@@ -1820,6 +1820,34 @@ def test_out_of_memory_is_not_an_outage(ask, server, caplog):
     assert len(refusals) == 1 and "maxmemory" in refusals[0]
 
 
+def test_a_store_refused_for_want_of_memory_still_releases_the_lock(ask, server):
+    r = server.client()
+    r.config_set("maxmemory-policy", "noeviction")
+    entry, lock = cache._keys(MSGS, "m", None)[:2]
+
+    def call_fn():
+        r.config_set("maxmemory", 1)  # full while the model answers
+        return ANSWER
+
+    assert ask(MSGS, "m", call_fn, client=r) == ANSWER
+    assert r.exists(entry, lock) == 0  # nothing stored, and the waiters elsewhere woken to ask again
+
+
+def test_a_store_that_gets_no_connection_within_lock_ttl_is_given_up_once(server, monkeypatch):
+    monkeypatch.setattr(cache, "LOCK_TTL", 1)  # the longest a store waits for a connection
+    r = server.client(max_connections=1)
+    entry = cache._keys(MSGS, "m", None)[0]
+
+    def call_fn():
+        held = r.connection_pool.get_connection()  # another user's, for half a LOCK_TTL past the store's wait
+        threading.Timer(1.5, r.connection_pool.release, [held]).start()
+        return ANSWER
+
+    assert cache.get_or_set(MSGS, "m", call_fn, client=r) == ANSWER
+    time.sleep(1.6)
+    assert r.exists(entry) == 0  # not stored by a second try, which would have waited another LOCK_TTL
+
+
 class DelayingProxy:
     """A TCP proxy to Redis that holds some replies back longer than the client's socket timeout."""
 
