@@ -40,7 +40,7 @@ import redis
 import redis.asyncio
 
 # Durations are seconds, int or float. Every setting is read at call time: cache.HOT_TTL = 3600 applies next call.
-PREFIX = os.environ.get("LLM_CACHE_PREFIX", "llm:v3:")  # bump it ("llm:v4:") to orphan every entry, no flush
+PREFIX = os.environ.get("LLM_CACHE_PREFIX", "llm:v2:")  # bump it ("llm:v3:") to orphan every entry, no flush
 DEFAULT_TTL = 24 * 3600  # an entry's lifetime unless it turns hot
 HOT_THRESHOLD = 10  # hits within HOT_WINDOW that make an entry hot
 HOT_WINDOW = 3600  # older hits don't count toward HOT_THRESHOLD
@@ -126,24 +126,13 @@ def _json(result: Any, what: str = "call_fn returned") -> tuple[Any, str]:
     if inspect.iscoroutine(result):  # a lambda around an async call, given to get_or_set
         result.close()
         raise TypeError(f"{what} a coroutine: await aget_or_set for an async call")
-    if hasattr(result, "model_dump"):  # pydantic, such as the openai SDK's ChatCompletion
-        result = _dumped(result)
+    if hasattr(result, "model_dump"):  # pydantic, such as the openai SDK's ChatCompletion: by field name, as
+        result = result.model_dump(mode="json", by_alias=False)  # its model_dump() gives it, whatever its config
     try:
         data = json.dumps(result, separators=(",", ":"), allow_nan=False)
         return json.loads(data), data  # exactly what a later hit returns
     except (TypeError, ValueError, RecursionError) as e:
         raise TypeError(f"{what} a {type(result).__name__}, not JSON or pydantic: {e}") from None
-
-
-def _dumped(model: Any) -> Any:
-    """A pydantic answer as JSON that validates back: by alias, as the SDKs' types go over the wire; by field name
-    if that doesn't (a field with a serialization alias only)."""
-    dump = model.model_dump(mode="json", by_alias=True)
-    try:
-        type(model).model_validate(dump)
-        return dump
-    except Exception:  # pydantic's ValidationError, or a validator's own error
-        return model.model_dump(mode="json", by_alias=False)
 
 
 def _entry(result: Any) -> tuple[Any, bytes]:
@@ -829,7 +818,7 @@ def _hit(req: _Req, data: bytes | None) -> Any:
         return _MISS
     if req.shape is not None and not isinstance(value, (_Stored, req.shape)):
         try:
-            value = req.shape.model_validate(value)
+            value = req.shape.model_validate(value, **_by_name(req.shape))
         except ValueError:  # pydantic's ValidationError: an answer of an older shape, say
             _invalid(req.shape)
             req.corrupt = data
@@ -847,7 +836,14 @@ def _shaped(req: _Req, value: Any) -> Any:
     """The answer as the response_model the caller named, if it named one (a hit's is one already)."""
     if req.shape is None or isinstance(value, (req.shape, Iterator, AsyncIterator, _Stored)):
         return value
-    return req.shape.model_validate(value)
+    return req.shape.model_validate(value, **_by_name(req.shape))
+
+
+@functools.cache
+def _by_name(shape: Any) -> dict:
+    """What makes pydantic read an answer's field names, as it was stored, where a field has an alias: by_name, from
+    pydantic 2.11 on (before, a model with aliases reads them only, and its answers are not cached)."""
+    return {"by_name": True} if "by_name" in inspect.signature(shape.model_validate).parameters else {}
 
 
 def _command(r: Any, *args: Any) -> Any:
