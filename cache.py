@@ -1019,16 +1019,26 @@ def _finish(req: _Req, data: bytes, tokens: int) -> bytes | None:
     req.chores.holds.pop(req, None)
     for again in (True, False):
         try:
-            return _script(req.r, _FINISH, req.keys, req.token, data, tokens, req.s.ttl_ms, req.s.lock_ms,
-                           req.s.stats_ms, req.corrupt, int(time.time() * 1000))
+            return _script(req.r, _FINISH, req.keys, *_finish_args(req, data, tokens))
         except _ERRORS as e:
-            # dropped during the call (a restart, an idle timeout): once more, as a client's own retry would; the
-            # owner check makes a repeat harmless
-            if not again or not isinstance(e, redis.ConnectionError) or _busy(e):
-                _failed(req.r, e)
-                req.outcome = "bypass"  # not stored (Redis out of memory, say)
+            if _gives_up(req, e, again):
                 return None
     return None
+
+
+def _finish_args(req: _Req, data: bytes, tokens: int) -> list:
+    return [req.token, data, tokens, req.s.ttl_ms, req.s.lock_ms, req.s.stats_ms, req.corrupt, int(time.time() * 1000)]
+
+
+def _gives_up(req: _Req, error: Exception, again: bool) -> bool:
+    """Whether a store that failed is given up (then the answer is not stored). A connection dropped during the
+    call (a restart, an idle timeout) is tried once more, as a client's own retry would: the owner check makes a
+    repeat harmless."""
+    if again and isinstance(error, redis.ConnectionError) and not _busy(error):
+        return False
+    _failed(req.r, error)
+    req.outcome = "bypass"
+    return True
 
 
 def _primed(stream: Iterator) -> Iterator:
@@ -1376,12 +1386,9 @@ async def _afinish(req: _Req, data: bytes, tokens: int) -> bytes | None:
     req.chores.holds.pop(req, None)
     for again in (True, False):
         try:
-            return await _ascript(req.r, _FINISH, req.keys, req.token, data, tokens, req.s.ttl_ms, req.s.lock_ms,
-                                  req.s.stats_ms, req.corrupt, int(time.time() * 1000))
+            return await _ascript(req.r, _FINISH, req.keys, *_finish_args(req, data, tokens))
         except _ERRORS as e:
-            if not again or not isinstance(e, redis.ConnectionError) or _busy(e):
-                _failed(req.r, e)
-                req.outcome = "bypass"  # not stored (Redis out of memory, say)
+            if _gives_up(req, e, again):
                 return None
     return None
 
