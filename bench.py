@@ -638,14 +638,13 @@ def verdict(figure: dict, unit: str = "x") -> str:
     return f"(target {figure['target']}{unit}: {'met' if figure['met'] else 'NOT met'})"
 
 
-def ratio_line(label: str, f: dict) -> str:
-    return f"{label:<32} {f['us']:8.1f} us   {f['ratio']:.2f}x the floor   {verdict(f)}"
+def ratio_line(label: str, f: dict, note: str = "") -> str:
+    return f"{label:<32} {f['us']:8.1f} us   {f['ratio']:.2f}x the floor   {note or verdict(f)}"
 
 
 def show_hit(f: dict) -> list[str]:
-    k = f["keyed"]
     return [f"{'floor: GET + json.loads':<32} {f['floor_us']:8.1f} us",
-            f"{'  + sha256 of the request':<32} {k['us']:8.1f} us   {k['ratio']:.2f}x the floor   (reference)",
+            ratio_line("  + sha256 of the request", f["keyed"], "(reference)"),
             ratio_line("hit (get_or_set)", f) + (f"   {f['misses']} hits missed!" if f["misses"] else "")]
 
 
@@ -662,9 +661,8 @@ def show_async(f: dict) -> list[str]:
 
 
 def show_miss(f: dict) -> list[str]:
-    t = f["trips"]
     return [f"{'floor: GET nothing + SET EX':<32} {f['floor_us']:8.1f} us",
-            f"{'  + SET NX PX (a lock) between':<32} {t['us']:8.1f} us   {t['ratio']:.2f}x the floor   (reference)",
+            ratio_line("  + SET NX PX (a lock) between", f["trips"], "(reference)"),
             ratio_line("miss, caller's wait", f) + (f"   {f['hits']} misses hit!" if f["hits"] else "")]
 
 
@@ -677,8 +675,8 @@ def show_sdk(f: dict) -> list[str]:
     return [f"{'openai create, MockTransport':<32} {f['sdk_us']:8.1f} us   (the SDK's own cost)",
             f"{'openai create, cache hit':<32} {f['cached_us']:8.1f} us",
             ratio_line("  what the cache adds", f),
-            f"{'  what one GET adds there':<32} {f['get']['us']:8.1f} us   {f['get']['ratio']:.2f}x the floor   "
-            "(reference: a transport that does one GET, then answers)"]
+            ratio_line("  what one GET adds there", f["get"],
+                       "(reference: a transport that does one GET, then answers)")]
 
 
 def show_crowd(f: dict) -> list[str]:
