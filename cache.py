@@ -70,6 +70,7 @@ _RS = "\x1e"  # starts a stored stream's entry: JSON text never holds it
 _MAX_SECONDS = (2**63 - 1) // 1000 - 2**32  # Redis refuses expiries past 2**63 - 1 ms after 1970 (2**32 s to spare)
 _MAX_TIMEOUT = int(threading.TIMEOUT_MAX)  # the longest timeout a lock, an event or a socket takes
 # an SSE stream's final event, whole: its lines and the blank line after them (a proxy may cut it short)
+_BLOCKING = {threading.__file__, concurrent.futures._base.__file__}  # where join, result and wait block
 _FINAL = re.compile(r"^(data: ?\[DONE\]|event: ?(message_stop|response\.completed)\r?\n(data:.*\r?\n)+)\r?\n", re.M)
 _ENDING = re.compile(r"^(data: ?\[DONE\]|event: ?(message_delta|message_stop|response\.completed))", re.M)
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
@@ -176,14 +177,17 @@ def _decoded(data: bytes) -> Any:
     return stored
 
 
-def _complete(chunks: list, sse: bool = False) -> bool:
-    """Whether a stream ended with its last event, so that it may be stored: OpenAI chat chunks carry a
-    finish_reason, Anthropic's events a message_stop, the Responses API's a response.completed; an HTTP stream (sse)
-    ends with one of those events, or data: [DONE]. A proxy that gives up can end a stream cleanly without them.
-    Any other stream is complete when it is exhausted."""
-    if sse:
+def _complete(chunks: list, sse: bool = False, exhausted: bool = True) -> bool:
+    """Whether a stream came to its final event, so that it may be stored: OpenAI chat chunks carry a finish_reason,
+    Anthropic's events a message_stop, the Responses API's a response.completed; an HTTP stream (sse) ends with one
+    of those events, or data: [DONE]. A proxy that gives up can end a stream cleanly without them. A stream that
+    carried an error event never is. Any other stream is complete if it was exhausted."""
+    events = _events(chunks) if sse else chunks
+    dicts = [event for event in events if isinstance(event, dict)]
+    if any(event.get("error") or event.get("type") == "error" for event in dicts):  # as the SDKs raise them
+        return False
+    if sse and (exhausted or _FINAL.search("".join(chunks))):
         return _FINAL.search("".join(chunks)) is not None
-    dicts = [chunk for chunk in chunks if isinstance(chunk, dict)]
     if any(chunk.get("object") == "chat.completion.chunk" for chunk in dicts):
         return any(choice.get("finish_reason") for chunk in dicts for choice in chunk.get("choices") or [])
     kinds = {str(chunk.get("type")) for chunk in dicts}
@@ -191,7 +195,7 @@ def _complete(chunks: list, sse: bool = False) -> bool:
         return "message_stop" in kinds
     if any(kind.startswith("response.") for kind in kinds):
         return "response.completed" in kinds
-    return True
+    return exhausted
 
 
 def _events(chunks: list[str]) -> list:
@@ -468,8 +472,8 @@ if ARGV[2] ~= '' and (type(stored) ~= 'string' or stored == ARGV[7]) then
   else
     redis.call('HDEL', KEYS[1], 'w', 'n')  -- a replaced entry's hot window
     redis.call('PEXPIRE', KEYS[1], ARGV[4])
-    redis.call('HINCRBY', KEYS[4], 'misses', 1)
-    redis.call('PEXPIRE', KEYS[4], ARGV[6])
+    redis.pcall('HINCRBY', KEYS[4], 'misses', 1)  -- a damaged shard must not cost the release
+    redis.pcall('PEXPIRE', KEYS[4], ARGV[6])
     stored, wake = false, true
   end
 end
@@ -907,15 +911,16 @@ def _wait(flight: concurrent.futures.Future) -> bool:
 
 
 def _waits_for_me(leader: threading.Thread) -> bool:
-    """Whether the leader's thread waits for this thread (join) or for the future of the pool's work item it runs
-    (result, wait, as_completed): what its frames hold, or hold in a collection."""
+    """Whether the leader's thread is blocked joining this thread, or on the future of the pool's work item it runs
+    (result, wait, as_completed, map): what the frames of threading and concurrent.futures it is in hold, or hold in
+    a collection. A leader that merely keeps the threads or futures, busy with its own call, is waited for."""
     frames, mine = sys._current_frames(), list[Any]([threading.current_thread()])
     frame = frames.get(threading.get_ident())
     while frame is not None:
         mine.append(getattr(frame.f_locals.get("self"), "future", None))
         frame = frame.f_back
     ids, frame = {id(thing) for thing in mine if thing is not None}, frames.get(leader.ident or 0)
-    while frame is not None:
+    while frame is not None and frame.f_code.co_filename in _BLOCKING:
         for held in frame.f_locals.values():
             if id(held) in ids or isinstance(held, (list, set, tuple)) and any(id(x) in ids for x in held):
                 return True
@@ -992,8 +997,17 @@ def _call(req: _Req) -> tuple[Any, bytes | None]:
         req.outcome = "bypass"
         req.chores.poke(_finish, req, data, tokens)
     elif req.token and _up(req.r) and (stored := _finish(req, data, tokens)) is not None:
-        return _decoded(stored), stored
+        return _won(req, stored, value, data)
     return value, data
+
+
+def _won(req: _Req, stored: bytes, value: Any, data: bytes) -> tuple[Any, bytes]:
+    """The answer stored before the caller's, which wins; the caller's own if that one is corrupt, or is no valid
+    response_model."""
+    try:
+        return _shaped(req, _decoded(stored)), stored
+    except (ValueError, RecursionError):  # (pydantic's ValidationError is a ValueError)
+        return value, data
 
 
 def _mark(req: _Req) -> None:
@@ -1063,17 +1077,32 @@ def _relay(req: _Req, source: Iterator) -> Iterator:
             yield value
             req.paused = None
         entry, tokens = _stream_entry(req, chunks)
+    except Exception:  # the model's stream broke: stored all the same if it broke after its final event
+        entry, tokens = _stream_entry(req, chunks) if _complete(chunks, req.sse, exhausted=False) else (b"", 0)
+        raise
     except GeneratorExit:  # closed, or dropped: maybe by the garbage collector, inside a lock the release needs
-        if req.held:
-            req.chores.poke(_finish, req, b"", 0)
+        drained, tokens = _drained(req, source, chunks)
+        if req.held or drained and req.token:
+            req.chores.poke(_finish, req, drained, tokens)
             req.held = False
         raise
     finally:  # (publishes still on their way after the store are refused: the followers read the entry)
         req.leading = False
         _release(req, entry, tokens)
         close = getattr(source, "close", None)
-        if not entry and close is not None:
-            close()  # the model's stream, stopped early: its connection goes back to its pool
+        if close is not None:
+            close()  # the model's stream: stopped early, its connection goes back to its pool
+
+
+def _drained(req: _Req, source: Iterator, chunks: list) -> tuple[bytes, int]:
+    """The entry of a stream closed once its final event came (its caller stopped at the finish_reason, say), with
+    the little the model sends after it (a usage chunk, data: [DONE]); b"" for any other stream closed early."""
+    if not _complete(chunks, req.sse, exhausted=False):
+        return b"", 0
+    with contextlib.suppress(Exception):  # (the rest may be lost, or closed already: what came is the answer)
+        for chunk in source:
+            _taken(req, chunks, chunk)
+    return _stream_entry(req, chunks)
 
 
 def _taken(req: _Req, chunks: list, chunk: Any) -> Any:
@@ -1361,7 +1390,7 @@ async def _acall(req: _Req) -> tuple[Any, bytes | None]:
         req.outcome = "bypass"
         req.chores.poke(_afinish, req, data, tokens)
     elif req.token and _up(req.r) and (stored := await _asettled(_afinish(req, data, tokens))) is not None:
-        return _decoded(stored), stored
+        return _won(req, stored, value, data)
     return value, data
 
 
@@ -1418,17 +1447,33 @@ async def _arelay(req: _Req, source: Iterator | AsyncIterator) -> Any:
             yield value
             req.paused = None
         entry, tokens = _stream_entry(req, chunks)
-    except (GeneratorExit, asyncio.CancelledError):  # a cancelled or closed task can't await it: the worker lets go
+    except Exception:
+        entry, tokens = _stream_entry(req, chunks) if _complete(chunks, req.sse, exhausted=False) else (b"", 0)
+        raise
+    except asyncio.CancelledError:  # a cancelled task can't await the release: the worker lets go
         if req.held:
             req.chores.poke(_afinish, req, b"", 0)
             req.held = False
+        raise
+    except GeneratorExit:  # closed, or dropped (asyncio closes it in a task, or at asyncio.run's end): awaited below
+        entry, tokens = await _adrained(req, source, chunks)
         raise
     finally:
         req.leading = False
         await _arelease(req, entry, tokens)
         close = getattr(source, "aclose", None) or getattr(source, "close", None)
-        if not entry and close is not None and inspect.isawaitable(closing := close()):
+        if close is not None and inspect.isawaitable(closing := close()):
             await closing
+
+
+async def _adrained(req: _Req, source: Iterator | AsyncIterator, chunks: list) -> tuple[bytes, int]:
+    if not _complete(chunks, req.sse, exhausted=False):
+        return b"", 0
+    with contextlib.suppress(Exception):
+        while (chunk := await anext(source, _MISS) if isinstance(source, AsyncIterator) else next(source, _MISS)
+               ) is not _MISS:
+            _taken(req, chunks, chunk)
+    return _stream_entry(req, chunks)
 
 
 async def _afollow(req: _Req, waiter: _AWaiter, chunks: list) -> Any:
@@ -1715,14 +1760,16 @@ class _Body:
 
     def close(self) -> None:
         if _ENDING.search(self.last):
-            for _ in self.chunks:
-                pass
+            with contextlib.suppress(Exception):  # (the model's stream, closed already, say: what came is stored)
+                for _ in self.chunks:
+                    pass
         getattr(self.chunks, "close", lambda: None)()
 
     async def aclose(self) -> None:
         if _ENDING.search(self.last):
-            async for _ in self.chunks:
-                pass
+            with contextlib.suppress(Exception):
+                async for _ in self.chunks:
+                    pass
         await self.chunks.aclose()
 
 
@@ -1735,8 +1782,9 @@ def _body(lib: Any) -> type:
 # ---------------------------------------------------------------- stats
 
 def stats(client: redis.Redis | redis.RedisCluster | None = None) -> dict[str, float]:
-    """Hits, misses, hit_rate and tokens_saved under the current PREFIX, after this process's counts are sent.
-    Redis errors are raised here."""
+    """Hits, misses, hit_rate and tokens_saved under the current PREFIX, after this process's counts are sent (in a
+    coroutine, await astats(): the running event loop's counts can only be sent from that loop). Redis errors are
+    raised here."""
     pipe = _shards(_redis(client, sync=True))
     _run_chores(_SYNC, flush=True)
     concurrent.futures.wait(_flush_loops(), timeout=5)  # (a loop that is stuck keeps its counts)

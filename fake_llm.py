@@ -6,7 +6,9 @@
     srv.count                 # requests it answered so far, of any method and path
     srv.requests[-1]          # {"method", "path", "headers" (lower-case names), "body" (parsed if JSON, else bytes)}
     srv.errors = [429, 500]   # the next requests get these statuses, one each, with the APIs' JSON error
-    srv.cut = "clean"         # streams lose their final event; "abort" also drops the connection mid-body
+    srv.cut = "clean"         # streams lose their final event; "abort" also drops the connection mid-body; "error"
+                              # puts an error event before it, as servers that fail mid-stream do
+    srv.burst = True          # a stream's events go out in one write
     srv.delay = 0.2           # seconds before each answer, and between a stream's events
     srv.stop()
 
@@ -199,9 +201,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("content-type", "text/event-stream; charset=utf-8")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
-        for name, data in events[:-1] if fake.cut else events:
-            text = data if isinstance(data, str) else json.dumps(data)
-            event = ((f"event: {name}\n" if name else "") + f"data: {text}\n\n").encode()
+        if fake.cut == "error":
+            error = {"type": "error", "error": {"type": "api_error", "message": "fake mid-stream error"}}
+            events = [*events[:-1], ("error" if events[0][0] else None, error), events[-1]]
+        sent = events[:-1] if fake.cut in ("clean", "abort") else events
+        texts = [(name, data if isinstance(data, str) else json.dumps(data)) for name, data in sent]
+        body = [((f"event: {name}\n" if name else "") + f"data: {text}\n\n").encode() for name, text in texts]
+        for event in [b"".join(body)] if fake.burst else body:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
             self.wfile.flush()
             time.sleep(fake.delay)
@@ -213,7 +219,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class FakeLLM:
     def __init__(self) -> None:
-        self.count, self.requests, self.errors, self.cut, self.delay = 0, [], [], None, 0.0
+        self.count, self.requests, self.errors, self.cut, self.delay, self.burst = 0, [], [], None, 0.0, False
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True

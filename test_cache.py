@@ -390,6 +390,41 @@ def test_a_corrupt_entry_replaced_meanwhile_by_a_good_answer_is_kept(client, mon
     assert cache.stats(client=client) == {"hits": 1, "misses": 0, "tokens_saved": 7, "hit_rate": 1.0}
 
 
+@pytest.mark.parametrize("corrupt", [b"\x00garbage", b"\x1fOK text/plain\nhello", b"\x1e" + b"0" * 16 + b"{}"],
+                         ids=["not-json", "bad-http-head", "stream-of-no-list"])
+def test_a_corrupt_entry_stored_during_the_call_never_fails_it(ask, client, corrupt):
+    entry = cache._keys(MSGS, "m", None)[0]
+
+    def call_fn():
+        client.hset(entry, "v", corrupt)  # another writer, while the model answers
+        return ANSWER
+
+    assert ask(MSGS, "m", call_fn, client=client) == ANSWER
+    again = counting({"by": "the next caller"})
+    assert ask(MSGS, "m", again, client=client) == ask(MSGS, "m", again, client=client) == {"by": "the next caller"}
+    assert again.calls == 1  # the corrupt entry was a miss, and was replaced
+
+
+def test_an_answer_stored_during_the_call_that_is_no_response_model_never_fails_it(client):
+    class City(pydantic.BaseModel):
+        name: str
+
+    entry = cache._keys(MSGS, "m", None, City)[0]
+
+    def call_fn():
+        client.hset(entry, "v", json.dumps({"size": 1}))  # another shape, stored while the model answers
+        return City(name="Paris")
+
+    assert cache.get_or_set(MSGS, "m", call_fn, client=client, response_model=City) == City(name="Paris")
+
+
+def test_a_damaged_stats_shard_costs_no_release(ask, client):
+    entry, lock, _, shard = cache._keys(MSGS, "m", None)
+    client.hset(shard, "misses", "not a number")
+    assert ask(MSGS, "m", counting(), client=client) == ANSWER
+    assert client.exists(lock) == 0 and client.hexists(entry, "v")
+
+
 def test_a_flushed_script_cache_is_refilled_without_a_miss_or_warning(ask, client, caplog):
     call_fn = counting()
     ask(MSGS, "m", call_fn, client=client)
@@ -1064,6 +1099,43 @@ def test_a_call_fn_that_asks_for_its_own_request_from_a_thread_it_waits_for_does
     finally:
         pool.shutdown()
     assert inner.calls == 1
+
+
+def _waiting_for_a_leader(thread):
+    """Whether the thread waits in its process's single flight."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None and frame.f_code is not cache._wait.__code__:
+        frame = frame.f_back
+    return frame is not None
+
+
+@pytest.mark.parametrize("kept", ["futures", "threads"])
+def test_a_leader_keeping_its_followers_futures_or_threads_is_still_waited_for(client, kept):
+    started, followers, calls = threading.Event(), [], []
+
+    def ask():
+        assert started.wait(30)
+        followers.append(threading.current_thread())
+        return cache.get_or_set(MSGS, "m", model, client=client)
+
+    def model():
+        calls.append(1)
+        started.set()
+        _until(lambda: len(followers) == 4 and all(map(_waiting_for_a_leader, followers)), timeout=10)
+        return ANSWER
+
+    if kept == "futures":  # scatter, then lead, then gather: the futures are in a list of the leader's
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(ask) for _ in range(4)]
+            answers = [cache.get_or_set(MSGS, "m", model, client=client)] + [f.result(30) for f in futures]
+    else:
+        threads, answers = [threading.Thread(target=lambda: answers.append(ask())) for _ in range(4)], []
+        for t in threads:
+            t.start()
+        answers.append(cache.get_or_set(MSGS, "m", model, client=client))
+        for t in threads:
+            t.join(30)
+    assert answers == [ANSWER] * 5 and len(calls) == 1
 
 
 def test_each_thread_raising_the_leaders_exception_raises_the_one_object_whose_traceback_leads_to_the_model(client):
@@ -2334,7 +2406,9 @@ def test_an_empty_stream_is_stored_and_replayed_empty(ask, client):
 @pytest.mark.parametrize("chunks, complete", [
     (CHUNKS, True), ([chunk("Par"), chunk("is."), chunk(usage=7)], False), (EVENTS, True), (EVENTS[:-1], False),
     (["Par", "is."], True),
-], ids=["openai", "openai-without-finish-reason", "anthropic", "anthropic-without-message-stop", "other"])
+    ([chunk("Par"), {"type": "error", "error": {"type": "overloaded_error"}}, *CHUNKS[1:]], False),
+], ids=["openai", "openai-without-finish-reason", "anthropic", "anthropic-without-message-stop", "other",
+        "an-error-event"])
 def test_a_stream_is_stored_only_if_it_ended_complete(ask, client, chunks, complete):
     model = Model(chunks)
     for _ in range(2):
@@ -2373,6 +2447,55 @@ def test_a_stream_its_caller_stops_stores_nothing_and_releases_the_lock(ask, cli
         gc.collect()  # (the test's event loop thread keeps a cycle through the last result)
     _until(lambda: client.exists(lock) == 0 and model.closed == (how != "drop unread"))  # and the model's stream
     assert client.exists(entry) == 0
+
+
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_a_stream_its_caller_stops_at_the_finish_reason_is_stored_whole(ask, client, how):
+    ask(MSGS, "warm", counting(), client=client)  # (scripts loaded first: see the test above)
+    model = Model()
+    stream = ask(MSGS, "m", model, client=client)
+    assert [ask.next(stream), ask.next(stream)] == CHUNKS[:2]  # the last with its finish_reason: the answer is whole
+    if how == "close":
+        ask.close(stream)
+    else:
+        del stream
+    lock = cache._keys(MSGS, "m", None)[1]
+    _until(lambda: gc.collect() is not None and client.exists(lock) == 0)
+    assert ask.read(ask(MSGS, "m", model, client=client)) == CHUNKS  # the usage chunk after it too
+    assert model.calls == 1
+
+
+def test_a_follower_gets_the_whole_stream_when_its_leader_stops_at_the_finish_reason(client):
+    gates = [threading.Event() for _ in CHUNKS]
+    model = Model(gates=gates)
+    leader = cache.get_or_set(MSGS, "m", model, client=client)
+    gates[0].set()
+    assert next(leader) == CHUNKS[0]
+    follower = elsewhere(lambda: cache.get_or_set(MSGS, "m", model, client=client))
+    assert next(follower) == CHUNKS[0]
+    for gate in gates[1:]:
+        gate.set()
+    assert next(leader) == CHUNKS[1]
+    leader.close()
+    assert list(follower) == CHUNKS[1:] and model.calls == 1
+
+
+def test_a_stream_still_open_when_asyncio_run_ends_lets_its_lock_go(real_url):
+    kept = []
+
+    async def model():
+        yield CHUNKS[0]
+        await asyncio.sleep(0.2)
+        yield CHUNKS[1]
+
+    async def main():
+        r = redis.asyncio.Redis.from_url(real_url)
+        stream = await cache.aget_or_set(MSGS, "m", model, client=r)
+        kept.append(stream)  # it outlives the loop: asyncio.run's end closes it, after the worker task has ended
+        assert await stream.__anext__() == CHUNKS[0]
+
+    asyncio.run(main())
+    assert redis.Redis.from_url(real_url).exists(*cache._keys(MSGS, "m", None)[:2]) == 0
 
 
 def test_a_chunk_that_is_not_json_raises_type_error_and_stores_nothing(ask, client):

@@ -3,6 +3,7 @@ against fake_llm's API and a real redis-server. Forked children make SDK clients
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import threading
@@ -342,6 +343,42 @@ def test_a_stream_cut_before_its_final_event_is_not_stored(kind, cut, srv, r):
     srv.cut = None
     assert [_read(kind, srv.url, r)[1] for _ in range(2)] == ["miss", "hit"]
     assert srv.count == 2
+
+
+@pytest.mark.parametrize("kind", STREAMS)
+def test_a_stream_that_carries_an_error_event_is_not_stored(kind, srv, r):
+    srv.cut, srv.burst = "error", True  # a 200 whose stream reports an error, then ends with its final event
+    with pytest.raises((openai.APIError, anthropic.APIError), match="fake mid-stream error"):
+        _read(kind, srv.url, r)
+    srv.cut = None
+    assert [_read(kind, srv.url, r)[1] for _ in range(2)] == ["miss", "hit"]
+    assert srv.count == 2
+
+
+def test_an_async_stream_left_at_its_finish_reason_and_dropped_is_stored(srv, real_url):
+    srv.burst = True  # the finish_reason and data: [DONE] come in one read
+
+    async def main():
+        ar = redis.asyncio.Redis.from_url(real_url)
+        oc = _aopenai(srv.url, ar)
+        stream = await oc.chat.completions.create(model=GPT, messages=MSGS, stream=True)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].finish_reason:
+                break  # the answer is whole; the stream is dropped unclosed
+        del stream, chunk
+        for _ in range(1000):  # asyncio closes a dropped stream's generators in tasks, as the collector finds them
+            gc.collect()
+            await asyncio.sleep(0.01)
+            if not await ar.keys(cache.PREFIX + "*:lock"):
+                break
+        stream = await oc.chat.completions.create(model=GPT, messages=MSGS, stream=True)
+        outcome = stream.response.headers["x-llm-cache"]
+        await stream.close()
+        await ar.aclose()
+        return outcome
+
+    assert asyncio.run(main()) == "hit"
+    assert srv.count == 1
 
 
 def test_a_stream_closed_before_its_end_is_not_stored(srv, r):
