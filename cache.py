@@ -70,7 +70,7 @@ _RS = "\x1e"  # starts a stored stream's entry: JSON text never holds it
 _MAX_SECONDS = (2**63 - 1) // 1000 - 2**32  # Redis refuses expiries past 2**63 - 1 ms after 1970 (2**32 s to spare)
 _MAX_TIMEOUT = int(threading.TIMEOUT_MAX)  # the longest timeout a lock, an event or a socket takes
 # an SSE stream's final event, whole: its lines and the blank line after them (a proxy may cut it short)
-_BLOCKING = {threading.__file__, concurrent.futures._base.__file__}  # where join, result and wait block
+_BLOCKING = {threading.__file__, concurrent.futures._base.__file__}  # where join, result, wait and get block
 _FINAL = re.compile(r"^(data: ?\[DONE\]|event: ?(message_stop|response\.completed)\r?\n(data:.*\r?\n)+)\r?\n", re.M)
 _ENDING = re.compile(r"^(data: ?\[DONE\]|event: ?(message_delta|message_stop|response\.completed))", re.M)
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
@@ -178,18 +178,20 @@ def _decoded(data: bytes) -> Any:
 
 
 def _complete(chunks: list, sse: bool = False, exhausted: bool = True) -> bool:
-    """Whether a stream came to its final event, so that it may be stored: OpenAI chat chunks carry a finish_reason,
-    Anthropic's events a message_stop, the Responses API's a response.completed; an HTTP stream (sse) ends with one
-    of those events, or data: [DONE]. A proxy that gives up can end a stream cleanly without them. A stream that
-    carried an error event never is. Any other stream is complete if it was exhausted."""
+    """Whether a stream came to its final event, so that it may be stored: OpenAI chat chunks carry each choice's
+    finish_reason, Anthropic's events a message_stop, the Responses API's a response.completed; an HTTP stream (sse)
+    ends with one of those events, or data: [DONE]. A proxy that gives up can end a stream cleanly without them. A
+    stream that carried an error event never is. Any other stream is complete if it was exhausted."""
     events = _events(chunks) if sse else chunks
     dicts = [event for event in events if isinstance(event, dict)]
     if any(event.get("error") or event.get("type") == "error" for event in dicts):  # as the SDKs raise them
         return False
-    if sse and (exhausted or _FINAL.search("".join(chunks))):
+    if sse:
         return _FINAL.search("".join(chunks)) is not None
     if any(chunk.get("object") == "chat.completion.chunk" for chunk in dicts):
-        return any(choice.get("finish_reason") for chunk in dicts for choice in chunk.get("choices") or [])
+        choices = [choice for chunk in dicts for choice in chunk.get("choices") or [] if isinstance(choice, dict)]
+        finished = {choice.get("index") for choice in choices if choice.get("finish_reason")}
+        return bool(finished) and finished >= {choice.get("index") for choice in choices}  # each of n choices
     kinds = {str(chunk.get("type")) for chunk in dicts}
     if "message_start" in kinds:
         return "message_stop" in kinds
@@ -911,16 +913,18 @@ def _wait(flight: concurrent.futures.Future) -> bool:
 
 
 def _waits_for_me(leader: threading.Thread) -> bool:
-    """Whether the leader's thread is blocked joining this thread, or on the future of the pool's work item it runs
-    (result, wait, as_completed, map): what the frames of threading and concurrent.futures it is in hold, or hold in
-    a collection. A leader that merely keeps the threads or futures, busy with its own call, is waited for."""
+    """Whether the leader's thread, blocked in threading or concurrent.futures (join, result, wait, a queue's get),
+    waits for this thread or for the future of the pool's work item it runs: what its frames hold, or hold in a
+    collection."""
     frames, mine = sys._current_frames(), list[Any]([threading.current_thread()])
     frame = frames.get(threading.get_ident())
     while frame is not None:
         mine.append(getattr(frame.f_locals.get("self"), "future", None))
         frame = frame.f_back
     ids, frame = {id(thing) for thing in mine if thing is not None}, frames.get(leader.ident or 0)
-    while frame is not None and frame.f_code.co_filename in _BLOCKING:
+    if frame is None or frame.f_code.co_filename not in _BLOCKING:
+        return False  # busy with its own call: a leader that merely keeps the threads or futures is waited for
+    while frame is not None:
         for held in frame.f_locals.values():
             if id(held) in ids or isinstance(held, (list, set, tuple)) and any(id(x) in ids for x in held):
                 return True
@@ -1077,13 +1081,13 @@ def _relay(req: _Req, source: Iterator) -> Iterator:
             yield value
             req.paused = None
         entry, tokens = _stream_entry(req, chunks)
-    except Exception:  # the model's stream broke: stored all the same if it broke after its final event
-        entry, tokens = _stream_entry(req, chunks) if _complete(chunks, req.sse, exhausted=False) else (b"", 0)
+    except Exception:  # the model's stream broke: stored all the same if its final event had come
+        entry, tokens = _ended_entry(req, chunks)
         raise
     except GeneratorExit:  # closed, or dropped: maybe by the garbage collector, inside a lock the release needs
-        drained, tokens = _drained(req, source, chunks)
-        if req.held or drained and req.token:
-            req.chores.poke(_finish, req, drained, tokens)
+        ended, tokens = _ended_entry(req, chunks)
+        if req.held or ended and req.token:
+            req.chores.poke(_finish, req, ended, tokens)
             req.held = False
         raise
     finally:  # (publishes still on their way after the store are refused: the followers read the entry)
@@ -1094,23 +1098,22 @@ def _relay(req: _Req, source: Iterator) -> Iterator:
             close()  # the model's stream: stopped early, its connection goes back to its pool
 
 
-def _drained(req: _Req, source: Iterator, chunks: list) -> tuple[bytes, int]:
-    """The entry of a stream closed once its final event came (its caller stopped at the finish_reason, say), with
-    the little the model sends after it (a usage chunk, data: [DONE]); b"" for any other stream closed early."""
-    if not _complete(chunks, req.sse, exhausted=False):
-        return b"", 0
-    with contextlib.suppress(Exception):  # (the rest may be lost, or closed already: what came is the answer)
-        for chunk in source:
-            _taken(req, chunks, chunk)
-    return _stream_entry(req, chunks)
-
-
 def _taken(req: _Req, chunks: list, chunk: Any) -> Any:
     """A leader's chunk, as JSON gives it back; kept for the entry, and for the worker to publish."""
-    value, text = _json(chunk, "call_fn's stream gave")
+    try:
+        value, text = _json(chunk, "call_fn's stream gave")
+    except TypeError:
+        chunks.clear()  # nothing of a stream that gave a chunk that is not JSON is stored
+        raise
     chunks.append(value)
     req.texts.append(text)
     return value
+
+
+def _ended_entry(req: _Req, chunks: list) -> tuple[bytes, int]:
+    """The entry of a stream closed or broken once its final event had come (its caller stopped at the
+    finish_reason, say): what came is the answer. b"" if it had not, so that it is not stored."""
+    return _stream_entry(req, chunks) if _complete(chunks, req.sse, exhausted=False) else (b"", 0)
 
 
 def _stream_entry(req: _Req, chunks: list) -> tuple[bytes, int]:
@@ -1448,7 +1451,7 @@ async def _arelay(req: _Req, source: Iterator | AsyncIterator) -> Any:
             req.paused = None
         entry, tokens = _stream_entry(req, chunks)
     except Exception:
-        entry, tokens = _stream_entry(req, chunks) if _complete(chunks, req.sse, exhausted=False) else (b"", 0)
+        entry, tokens = _ended_entry(req, chunks)
         raise
     except asyncio.CancelledError:  # a cancelled task can't await the release: the worker lets go
         if req.held:
@@ -1456,7 +1459,7 @@ async def _arelay(req: _Req, source: Iterator | AsyncIterator) -> Any:
             req.held = False
         raise
     except GeneratorExit:  # closed, or dropped (asyncio closes it in a task, or at asyncio.run's end): awaited below
-        entry, tokens = await _adrained(req, source, chunks)
+        entry, tokens = _ended_entry(req, chunks)
         raise
     finally:
         req.leading = False
@@ -1464,16 +1467,6 @@ async def _arelay(req: _Req, source: Iterator | AsyncIterator) -> Any:
         close = getattr(source, "aclose", None) or getattr(source, "close", None)
         if close is not None and inspect.isawaitable(closing := close()):
             await closing
-
-
-async def _adrained(req: _Req, source: Iterator | AsyncIterator, chunks: list) -> tuple[bytes, int]:
-    if not _complete(chunks, req.sse, exhausted=False):
-        return b"", 0
-    with contextlib.suppress(Exception):
-        while (chunk := await anext(source, _MISS) if isinstance(source, AsyncIterator) else next(source, _MISS)
-               ) is not _MISS:
-            _taken(req, chunks, chunk)
-    return _stream_entry(req, chunks)
 
 
 async def _afollow(req: _Req, waiter: _AWaiter, chunks: list) -> Any:

@@ -1138,6 +1138,24 @@ def test_a_leader_keeping_its_followers_futures_or_threads_is_still_waited_for(c
     assert answers == [ANSWER] * 5 and len(calls) == 1
 
 
+@pytest.mark.parametrize("through", ["queue", "event"])
+def test_a_call_fn_that_asks_for_its_own_request_from_a_thread_it_holds_and_waits_on_does_not_wait_for_itself(
+        client, through):
+    inner = counting({"by": "inner"})
+
+    def outer():  # the thread is in a local of call_fn, which waits on a queue or an event it sets
+        answers, done = queue.Queue(), threading.Event()
+        helper = threading.Thread(target=lambda: (answers.put(cache.get_or_set(MSGS, "m", inner, client=client)),
+                                                  done.set()))
+        helper.start()
+        if through == "event":
+            assert done.wait(20)
+        return answers.get(timeout=20)
+
+    assert cache.get_or_set(MSGS, "m", outer, client=client) == {"by": "inner"}
+    assert inner.calls == 1
+
+
 def test_each_thread_raising_the_leaders_exception_raises_the_one_object_whose_traceback_leads_to_the_model(client):
     # singleflight: the followers re-raise the leader's very exception, not copies, so they share one traceback,
     # which each re-raise extends; what matters is that it still leads to the model's raise
@@ -1413,7 +1431,7 @@ def test_followers_that_give_up_are_no_hits(ask_async_client, monkeypatch):
     loop, aclient = ask_async_client
 
     async def slow():
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)  # ten times the followers' patience: a busy machine may stall the loop a while
         return ANSWER
 
     async def main():
@@ -2407,8 +2425,9 @@ def test_an_empty_stream_is_stored_and_replayed_empty(ask, client):
     (CHUNKS, True), ([chunk("Par"), chunk("is."), chunk(usage=7)], False), (EVENTS, True), (EVENTS[:-1], False),
     (["Par", "is."], True),
     ([chunk("Par"), {"type": "error", "error": {"type": "overloaded_error"}}, *CHUNKS[1:]], False),
+    ([*CHUNKS[:2], {**chunk("The capi"), "choices": [{"index": 1, "delta": {"content": "The capi"}}]}], False),
 ], ids=["openai", "openai-without-finish-reason", "anthropic", "anthropic-without-message-stop", "other",
-        "an-error-event"])
+        "an-error-event", "openai-n2-one-choice-unfinished"])
 def test_a_stream_is_stored_only_if_it_ended_complete(ask, client, chunks, complete):
     model = Model(chunks)
     for _ in range(2):
@@ -2450,7 +2469,7 @@ def test_a_stream_its_caller_stops_stores_nothing_and_releases_the_lock(ask, cli
 
 
 @pytest.mark.parametrize("how", ["close", "drop"])
-def test_a_stream_its_caller_stops_at_the_finish_reason_is_stored_whole(ask, client, how):
+def test_a_stream_its_caller_stops_at_the_finish_reason_is_stored_as_it_came(ask, client, how):
     ask(MSGS, "warm", counting(), client=client)  # (scripts loaded first: see the test above)
     model = Model()
     stream = ask(MSGS, "m", model, client=client)
@@ -2461,8 +2480,19 @@ def test_a_stream_its_caller_stops_at_the_finish_reason_is_stored_whole(ask, cli
         del stream
     lock = cache._keys(MSGS, "m", None)[1]
     _until(lambda: gc.collect() is not None and client.exists(lock) == 0)
-    assert ask.read(ask(MSGS, "m", model, client=client)) == CHUNKS  # the usage chunk after it too
-    assert model.calls == 1
+    assert ask.read(ask(MSGS, "m", model, client=client)) == CHUNKS[:2]  # (closing never waits for what follows)
+    assert model.calls == 1 and model.closed == 1
+
+
+def test_a_stream_closed_when_one_of_its_choices_is_finished_stores_nothing(ask, client):
+    unfinished = {**chunk("The capi"), "choices": [{"index": 1, "delta": {"content": "The capi"},
+                                                     "finish_reason": None}]}
+    model = Model([CHUNKS[1], unfinished, CHUNKS[1]])  # n=2: choice 0 is finished, choice 1 is not yet
+    stream = ask(MSGS, "m", model, client=client)
+    assert [ask.next(stream), ask.next(stream)] == [CHUNKS[1], unfinished]
+    ask.close(stream)
+    _until(lambda: client.exists(cache._keys(MSGS, "m", None)[1]) == 0)  # (let go by the background worker)
+    assert ask.read(ask(MSGS, "m", model, client=client)) == model.chunks and model.calls == 2
 
 
 def test_a_follower_gets_the_whole_stream_when_its_leader_stops_at_the_finish_reason(client):
@@ -2477,7 +2507,7 @@ def test_a_follower_gets_the_whole_stream_when_its_leader_stops_at_the_finish_re
         gate.set()
     assert next(leader) == CHUNKS[1]
     leader.close()
-    assert list(follower) == CHUNKS[1:] and model.calls == 1
+    assert list(follower) == [CHUNKS[1]] and model.calls == 1
 
 
 def test_a_stream_still_open_when_asyncio_run_ends_lets_its_lock_go(real_url):
@@ -2498,13 +2528,15 @@ def test_a_stream_still_open_when_asyncio_run_ends_lets_its_lock_go(real_url):
     assert redis.Redis.from_url(real_url).exists(*cache._keys(MSGS, "m", None)[:2]) == 0
 
 
-def test_a_chunk_that_is_not_json_raises_type_error_and_stores_nothing(ask, client):
-    model = Model([CHUNKS[0], {"delta": object()}])
+@pytest.mark.parametrize("before", [CHUNKS[:1], CHUNKS[:2]], ids=["mid-answer", "after-the-finish-reason"])
+def test_a_chunk_that_is_not_json_raises_type_error_and_stores_nothing(ask, client, before):
+    model = Model([*before, {"delta": object()}])
     stream = ask(MSGS, "m", model, client=client)
-    assert ask.next(stream) == CHUNKS[0]
+    assert [ask.next(stream) for _ in before] == before
     with pytest.raises(TypeError, match="call_fn's stream gave a dict, not JSON"):
         ask.next(stream)
-    assert client.exists(*cache._keys(MSGS, "m", None)[:2]) == 0
+    _until(lambda: client.exists(cache._keys(MSGS, "m", None)[1]) == 0)
+    assert client.exists(cache._keys(MSGS, "m", None)[0]) == 0
 
 
 def test_an_async_iterator_given_to_get_or_set_is_a_type_error_and_stores_nothing(client):
