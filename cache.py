@@ -70,7 +70,6 @@ _RS = "\x1e"  # starts a stored stream's entry: JSON text never holds it
 _MAX_SECONDS = (2**63 - 1) // 1000 - 2**32  # Redis refuses expiries past 2**63 - 1 ms after 1970 (2**32 s to spare)
 _MAX_TIMEOUT = int(threading.TIMEOUT_MAX)  # the longest timeout a lock, an event or a socket takes
 # an SSE stream's final event, whole: its lines and the blank line after them (a proxy may cut it short)
-_BLOCKING = {threading.__file__, concurrent.futures._base.__file__}  # where join, result, wait and get block
 _FINAL = re.compile(r"^(data: ?\[DONE\]|event: ?(message_stop|response\.completed)\r?\n(data:.*\r?\n)+)\r?\n", re.M)
 _ENDING = re.compile(r"^(data: ?\[DONE\]|event: ?(message_delta|message_stop|response\.completed))", re.M)
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
@@ -913,18 +912,16 @@ def _wait(flight: concurrent.futures.Future) -> bool:
 
 
 def _waits_for_me(leader: threading.Thread) -> bool:
-    """Whether the leader's thread, blocked in threading or concurrent.futures (join, result, wait, a queue's get),
-    waits for this thread or for the future of the pool's work item it runs: what its frames hold, or hold in a
-    collection."""
+    """Whether the leader's call_fn holds this thread, or the future of the pool's work item it runs (to join it, wait
+    on it, read its queue): what the frames it runs in hold, or hold in a collection. Not its caller's frames: a
+    leader that merely keeps its followers' threads or futures there is waited for."""
     frames, mine = sys._current_frames(), list[Any]([threading.current_thread()])
     frame = frames.get(threading.get_ident())
     while frame is not None:
         mine.append(getattr(frame.f_locals.get("self"), "future", None))
         frame = frame.f_back
     ids, frame = {id(thing) for thing in mine if thing is not None}, frames.get(leader.ident or 0)
-    if frame is None or frame.f_code.co_filename not in _BLOCKING:
-        return False  # busy with its own call: a leader that merely keeps the threads or futures is waited for
-    while frame is not None:
+    while frame is not None and frame.f_code.co_filename != _waits_for_me.__code__.co_filename:  # down to cache.py
         for held in frame.f_locals.values():
             if id(held) in ids or isinstance(held, (list, set, tuple)) and any(id(x) in ids for x in held):
                 return True
@@ -1453,9 +1450,10 @@ async def _arelay(req: _Req, source: Iterator | AsyncIterator) -> Any:
     except Exception:
         entry, tokens = _ended_entry(req, chunks)
         raise
-    except asyncio.CancelledError:  # a cancelled task can't await the release: the worker lets go
-        if req.held:
-            req.chores.poke(_afinish, req, b"", 0)
+    except asyncio.CancelledError:  # a cancelled task can't await the release: the worker stores or lets go
+        ended, tokens = _ended_entry(req, chunks)
+        if req.held or ended and req.token:
+            req.chores.poke(_afinish, req, ended, tokens)
             req.held = False
         raise
     except GeneratorExit:  # closed, or dropped (asyncio closes it in a task, or at asyncio.run's end): awaited below

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
 import functools
 import gc
@@ -1109,7 +1110,7 @@ def _waiting_for_a_leader(thread):
     return frame is not None
 
 
-@pytest.mark.parametrize("kept", ["futures", "threads"])
+@pytest.mark.parametrize("kept", ["futures", "threads", "futures, its call in a pool"])
 def test_a_leader_keeping_its_followers_futures_or_threads_is_still_waited_for(client, kept):
     started, followers, calls = threading.Event(), [], []
 
@@ -1118,16 +1119,22 @@ def test_a_leader_keeping_its_followers_futures_or_threads_is_still_waited_for(c
         followers.append(threading.current_thread())
         return cache.get_or_set(MSGS, "m", model, client=client)
 
+    def all_waiting():  # (not a lambda in model: its list of threads would be one of call_fn's locals)
+        return len(followers) == 4 and all(map(_waiting_for_a_leader, followers))
+
     def model():
         calls.append(1)
         started.set()
-        _until(lambda: len(followers) == 4 and all(map(_waiting_for_a_leader, followers)), timeout=10)
+        _until(all_waiting, timeout=10)
         return ANSWER
 
-    if kept == "futures":  # scatter, then lead, then gather: the futures are in a list of the leader's
+    if kept.startswith("futures"):  # scatter, then lead, then gather: the futures are in a list of the leader's
+        sdk = concurrent.futures.ThreadPoolExecutor(1)  # the leader's call_fn waits on a future of its own
+        call_fn = model if kept == "futures" else lambda: sdk.submit(model).result(30)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(ask) for _ in range(4)]
-            answers = [cache.get_or_set(MSGS, "m", model, client=client)] + [f.result(30) for f in futures]
+            answers = [cache.get_or_set(MSGS, "m", call_fn, client=client)] + [f.result(30) for f in futures]
+        sdk.shutdown()
     else:
         threads, answers = [threading.Thread(target=lambda: answers.append(ask())) for _ in range(4)], []
         for t in threads:
@@ -1138,22 +1145,28 @@ def test_a_leader_keeping_its_followers_futures_or_threads_is_still_waited_for(c
     assert answers == [ANSWER] * 5 and len(calls) == 1
 
 
-@pytest.mark.parametrize("through", ["queue", "event"])
+@pytest.mark.parametrize("through", ["queue", "simple queue", "event", "polling"])
 def test_a_call_fn_that_asks_for_its_own_request_from_a_thread_it_holds_and_waits_on_does_not_wait_for_itself(
         client, through):
-    inner = counting({"by": "inner"})
+    inner, outcome = counting({"by": "inner"}), {}
 
-    def outer():  # the thread is in a local of call_fn, which waits on a queue or an event it sets
-        answers, done = queue.Queue(), threading.Event()
+    def outer():  # the thread is in a local of call_fn, which waits on a queue, on an event it sets, or polls it
+        answers, done = queue.SimpleQueue() if through == "simple queue" else queue.Queue(), threading.Event()
         helper = threading.Thread(target=lambda: (answers.put(cache.get_or_set(MSGS, "m", inner, client=client)),
                                                   done.set()))
         helper.start()
         if through == "event":
             assert done.wait(20)
+        while through == "polling" and helper.is_alive():
+            time.sleep(0.01)
         return answers.get(timeout=20)
 
-    assert cache.get_or_set(MSGS, "m", outer, client=client) == {"by": "inner"}
-    assert inner.calls == 1
+    t = threading.Thread(target=lambda: outcome.update(outer=cache.get_or_set(MSGS, "m", outer, client=client)),
+                         daemon=True)
+    t.start()
+    t.join(timeout=30)  # MAX_WAIT is 15 minutes: waiting for itself would still be waiting
+    assert not t.is_alive()
+    assert outcome == {"outer": {"by": "inner"}} and inner.calls == 1
 
 
 def test_each_thread_raising_the_leaders_exception_raises_the_one_object_whose_traceback_leads_to_the_model(client):
@@ -2508,6 +2521,33 @@ def test_a_follower_gets_the_whole_stream_when_its_leader_stops_at_the_finish_re
     assert next(leader) == CHUNKS[1]
     leader.close()
     assert list(follower) == [CHUNKS[1]] and model.calls == 1
+
+
+def test_a_task_cancelled_after_its_streams_final_event_stores_it(ask_async_client, client):
+    loop, aclient = ask_async_client
+    calls = []
+
+    async def model():
+        calls.append(1)
+        for event in EVENTS:
+            yield event
+        model.ended.set()
+        await asyncio.sleep(30)  # the end of the connection, still to come
+
+    async def read():
+        return [event async for event in await cache.aget_or_set(MSGS, "m", model, client=aclient)]
+
+    async def cancelled_at_the_end():
+        model.ended = asyncio.Event()
+        reading = asyncio.ensure_future(read())
+        await model.ended.wait()
+        reading.cancel()  # a request's timeout, say
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+
+    loop.run(cancelled_at_the_end())
+    _until(lambda: client.exists(cache._keys(MSGS, "m", None)[1]) == 0)
+    assert loop.run(read()) == EVENTS and len(calls) == 1
 
 
 def test_a_stream_still_open_when_asyncio_run_ends_lets_its_lock_go(real_url):
