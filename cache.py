@@ -1079,10 +1079,10 @@ def _relay(req: _Req, source: Iterator) -> Iterator:
             req.paused = None
         entry, tokens = _stream_entry(req, chunks)
     except Exception:  # the model's stream broke: stored all the same if its final event had come
-        entry, tokens = _ended_entry(req, chunks)
+        entry, tokens = _stream_entry(req, chunks, exhausted=False)
         raise
     except GeneratorExit:  # closed, or dropped: maybe by the garbage collector, inside a lock the release needs
-        ended, tokens = _ended_entry(req, chunks)
+        ended, tokens = _stream_entry(req, chunks, exhausted=False)
         if req.held or ended and req.token:
             req.chores.poke(_finish, req, ended, tokens)
             req.held = False
@@ -1107,16 +1107,11 @@ def _taken(req: _Req, chunks: list, chunk: Any) -> Any:
     return value
 
 
-def _ended_entry(req: _Req, chunks: list) -> tuple[bytes, int]:
-    """The entry of a stream closed or broken once its final event had come (its caller stopped at the
-    finish_reason, say): what came is the answer. b"" if it had not, so that it is not stored."""
-    return _stream_entry(req, chunks) if _complete(chunks, req.sse, exhausted=False) else (b"", 0)
-
-
-def _stream_entry(req: _Req, chunks: list) -> tuple[bytes, int]:
+def _stream_entry(req: _Req, chunks: list, exhausted: bool = True) -> tuple[bytes, int]:
     """A stream's entry, RS, the holder's token and the JSON list of its chunks, and the tokens it cost; b"" if it
-    ended incomplete, so that it is not stored."""
-    if not _complete(chunks, req.sse):
+    ended incomplete, so that it is not stored. One closed or broken before it was exhausted is complete once its
+    final event had come (its caller stopped at the finish_reason, say): what came is the answer."""
+    if not _complete(chunks, req.sse, exhausted):
         return b"", 0
     entry = f"{_RS}{req.token}[{','.join(req.texts)}]".encode()
     return entry, _tokens(req.messages, req.model, _events(chunks) if req.sse else chunks)
@@ -1448,16 +1443,16 @@ async def _arelay(req: _Req, source: Iterator | AsyncIterator) -> Any:
             req.paused = None
         entry, tokens = _stream_entry(req, chunks)
     except Exception:
-        entry, tokens = _ended_entry(req, chunks)
+        entry, tokens = _stream_entry(req, chunks, exhausted=False)
         raise
     except asyncio.CancelledError:  # a cancelled task can't await the release: the worker stores or lets go
-        ended, tokens = _ended_entry(req, chunks)
+        ended, tokens = _stream_entry(req, chunks, exhausted=False)
         if req.held or ended and req.token:
             req.chores.poke(_afinish, req, ended, tokens)
             req.held = False
         raise
     except GeneratorExit:  # closed, or dropped (asyncio closes it in a task, or at asyncio.run's end): awaited below
-        entry, tokens = _ended_entry(req, chunks)
+        entry, tokens = _stream_entry(req, chunks, exhausted=False)
         raise
     finally:
         req.leading = False
